@@ -1,0 +1,106 @@
+//! Early boot for PID 1: the pseudo-filesystems, `/` shared, hostname, console, machine-id.
+//!
+//! Owns: mounting proc, sysfs, devtmpfs, devpts, /dev/shm, /run and cgroup2 — each only if not already
+//! mounted, so the same code serves a real boot and a test namespace. Does not: mount /usr or the state
+//! partition (the initramfs does that, see `initrd`).
+
+use std::fs;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+/// One early mount: (source, target, fstype, flags, data).
+type MountSpec = (&'static str, &'static str, &'static str, MsFlags, Option<&'static str>);
+
+fn early_mounts() -> Vec<MountSpec> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    vec![
+        ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=000")),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, Some("nsdelegate")),
+    ]
+}
+
+/// Mount points currently mounted with their fs type, from /proc/self/mountinfo.
+pub fn mounted() -> Vec<(String, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some((f.get(4)?.to_string(), f.get(sep + 1)?.to_string()))
+        })
+        .collect()
+}
+
+/// Mount what is missing; each failure is reported and boot continues.
+pub fn mount_early() -> Vec<String> {
+    let mut notes = Vec::new();
+    for (src, target, fstype, flags, data) in early_mounts() {
+        let present = mounted().iter().any(|(t, f)| t == target && f == fstype);
+        if present {
+            continue;
+        }
+        let _ = fs::create_dir_all(target);
+        let res = mount(Some(src), target, Some(fstype), flags, data)
+            .or_else(|_| mount(Some(src), target, Some(fstype), flags, None::<&str>));
+        if let Err(e) = res {
+            notes.push(format!("cannot mount {fstype} on {target}: {e}"));
+        }
+    }
+    // Mount events propagate into container mount namespaces that ask for them (systemd does the same).
+    if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>) {
+        notes.push(format!("cannot make / shared: {e}"));
+    }
+    notes
+}
+
+/// Set the hostname from `name`, or /etc/hostname, or leave it.
+pub fn set_hostname(name: Option<&str>) -> Option<String> {
+    let from_file = fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let name = name.map(str::to_string).or(from_file)?;
+    nix::unistd::sethostname(&name).ok()?;
+    Some(name)
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+/// Point stdin/stdout/stderr at /dev/console when PID 1 was started without them.
+pub fn attach_console() {
+    let Ok(console) = fs::OpenOptions::new().read(true).write(true).open("/dev/console") else { return };
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            let _ = nix::unistd::dup2(console.as_raw_fd(), fd);
+        }
+    }
+}
+
+/// A fresh random 128-bit id as 32 hex digits (boot id, machine id).
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        b = (t ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// /etc/machine-id, generated on first boot if missing or empty.
+pub fn ensure_machine_id(path: &Path) -> Option<String> {
+    if let Ok(s) = fs::read_to_string(path) {
+        let s = s.trim();
+        if s.len() == 32 {
+            return Some(s.to_string());
+        }
+    }
+    let id = random_id();
+    fs::write(path, format!("{id}\n")).ok()?;
+    Some(id)
+}
