@@ -52,7 +52,7 @@ pub struct ProcessContext<'a> {
 /// (later assignments win, as in systemd), then init-provided variables.
 pub fn environment(ctx: &ProcessContext<'_>) -> Result<BTreeMap<String, String>, SpawnError> {
     let mut env = BTreeMap::new();
-    env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+    env.insert("PATH".to_string(), default_path());
     env.insert("LANG".to_string(), "C.UTF-8".to_string());
     for (path, optional) in &ctx.spec.environment_files {
         match fs::read_to_string(path) {
@@ -68,6 +68,16 @@ pub fn environment(ctx: &ProcessContext<'_>) -> Result<BTreeMap<String, String>,
         env.insert(k.clone(), v.clone());
     }
     Ok(env)
+}
+
+/// systemd's fixed PATH, plus the directory init itself runs from (so units always find `initctl`, e.g.
+/// for `initctl notify`, also when Keel runs from a build tree).
+fn default_path() -> String {
+    let own = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.display().to_string()));
+    match own {
+        Some(d) if !DEFAULT_PATH.split(':').any(|x| x == d) => format!("{DEFAULT_PATH}:{d}"),
+        _ => DEFAULT_PATH.to_string(),
+    }
 }
 
 /// `KEY=value` lines; `#`/`;` comments; optional single or double quotes around the value.
@@ -132,7 +142,7 @@ pub fn spawn(cmd: &ExecCommand, ctx: &ProcessContext<'_>) -> Result<Pid, SpawnEr
         env.insert("SHELL".into(), c.shell.clone());
     }
     let program = cmd.argv.first().map(String::as_str).unwrap_or_default();
-    let path_var = env.get("PATH").cloned().unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let path_var = env.get("PATH").cloned().unwrap_or_else(default_path);
     let resolved = resolve_program(program, &path_var)?;
 
     let path_c = CString::new(resolved.as_os_str().as_bytes()).map_err(|_| SpawnError::Nul(program.into()))?;

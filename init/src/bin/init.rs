@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
 use keel_init::journal::Limits;
 use keel_init::run::{self, Init, Mode, Options};
 
@@ -30,52 +29,88 @@ EXAMPLES
   Run as PID 1 of a fresh namespace (what the tests do):
     unshare --pid --fork --mount-proc init --units-dir ./units --state-dir /tmp/keel";
 
-/// Keel's init: PID 1 and unit supervisor.
-#[derive(Parser, Debug)]
-#[command(name = "init", version, about, long_about = LONG_ABOUT)]
+const USAGE: &str = "\
+Usage: init [OPTIONS]
+
+Options:
+      --units-dir DIR       A directory of unit files; repeat for several (earlier ones win).
+                            Default: /etc/keel/units, /run/keel/units, /usr/lib/keel/units
+      --target UNIT         The unit to start at boot, with everything it wants [default: default.target]
+      --state-dir DIR       Where sockets (and, unless --journal-dir, the journal) live.
+                            Default: /run/keel for sockets, /var/log/keel/journal for the journal
+      --socket PATH         The control socket initctl talks to [default: STATE_DIR/init.sock]
+      --journal-dir DIR     Journal directory [default: STATE_DIR/journal or /var/log/keel/journal]
+      --journal-max-mib N   Journal size bound in MiB; oldest segments are deleted beyond it [default: 64]
+      --cgroup-root DIR     Where a cgroup2 hierarchy is mounted [default: /sys/fs/cgroup]
+      --hostname NAME       Hostname to set (PID 1 only) [default: /etc/hostname]
+      --forward-to-console  Also print every unit's output on init's stderr (the console)
+      --mode MODE           Override detection: system | namespace | supervisor
+  -h, --help                Print help
+  -V, --version             Print version";
+
+/// init's command line. Parsed by hand: init is resident on every machine and clap would double the pages
+/// it keeps in memory (see docs/benchmarks.md).
+#[derive(Debug, Default)]
 struct Args {
-    /// A directory of unit files; repeat for several (earlier ones win). Default: /etc/keel/units,
-    /// /run/keel/units, /usr/lib/keel/units.
-    #[arg(long = "units-dir", value_name = "DIR")]
     units_dirs: Vec<PathBuf>,
-
-    /// The unit to start at boot (it pulls in everything it wants).
-    #[arg(long, default_value = "default.target", value_name = "UNIT")]
-    target: String,
-
-    /// Where init keeps its sockets and (unless --journal-dir) its journal. Default: /run/keel for sockets and
-    /// /var/log/keel/journal for the journal as PID 1 of a machine.
-    #[arg(long, value_name = "DIR")]
+    target: Option<String>,
     state_dir: Option<PathBuf>,
-
-    /// The control socket initctl talks to. Default: STATE_DIR/init.sock or /run/keel/init.sock.
-    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-
-    /// Journal directory. Default: STATE_DIR/journal or /var/log/keel/journal.
-    #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
-
-    /// Journal size bound in MiB (oldest segments are deleted beyond it).
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
-    journal_max_mib: u64,
-
-    /// Where a cgroup2 hierarchy is mounted (units get a cgroup each under init's own cgroup).
-    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "DIR")]
-    cgroup_root: PathBuf,
-
-    /// Hostname to set (PID 1 only; default: /etc/hostname).
-    #[arg(long)]
+    journal_max_mib: Option<u64>,
+    cgroup_root: Option<PathBuf>,
     hostname: Option<String>,
-
-    /// Also print every unit's output on init's stderr (the console).
-    #[arg(long)]
     forward_to_console: bool,
-
-    /// Override mode detection: system (PID 1 of a machine), namespace (PID 1 of a PID namespace) or
-    /// supervisor (an ordinary process).
-    #[arg(long, value_parser = ["system", "namespace", "supervisor"])]
     mode: Option<String>,
+}
+
+impl Args {
+    fn parse(argv: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut a = Args::default();
+        let mut it = argv.peekable();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, String> {
+                inline.clone().or_else(|| it.next()).ok_or_else(|| format!("{name} needs a value"))
+            };
+            match flag.as_str() {
+                "-h" | "--help" => {
+                    println!("Keel's init: PID 1 and unit supervisor\n\n{LONG_ABOUT}\n\n{USAGE}");
+                    std::process::exit(0);
+                }
+                "-V" | "--version" => {
+                    println!("init {}", env!("CARGO_PKG_VERSION"));
+                    std::process::exit(0);
+                }
+                "--units-dir" => a.units_dirs.push(value(&flag)?.into()),
+                "--target" => a.target = Some(value(&flag)?),
+                "--state-dir" => a.state_dir = Some(value(&flag)?.into()),
+                "--socket" => a.socket = Some(value(&flag)?.into()),
+                "--journal-dir" => a.journal_dir = Some(value(&flag)?.into()),
+                "--journal-max-mib" => {
+                    let v = value(&flag)?;
+                    a.journal_max_mib = Some(v.parse().map_err(|_| format!("--journal-max-mib takes a number, not {v:?}"))?);
+                }
+                "--cgroup-root" => a.cgroup_root = Some(value(&flag)?.into()),
+                "--hostname" => a.hostname = Some(value(&flag)?),
+                "--forward-to-console" => a.forward_to_console = true,
+                "--mode" => {
+                    let v = value(&flag)?;
+                    if !["system", "namespace", "supervisor"].contains(&v.as_str()) {
+                        return Err(format!("--mode takes system, namespace or supervisor, not {v:?}"));
+                    }
+                    a.mode = Some(v);
+                }
+                // The kernel passes unknown command-line words (e.g. `single`, `quiet`) to PID 1: ignore them.
+                other if std::process::id() == 1 && !other.starts_with("--") => {}
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        Ok(a)
+    }
 }
 
 fn options(a: Args) -> Options {
@@ -95,23 +130,32 @@ fn options(a: Args) -> Options {
     } else {
         a.units_dirs
     };
-    let max = a.journal_max_mib.max(1) * 1024 * 1024;
+    let max = a.journal_max_mib.unwrap_or(64).max(1) * 1024 * 1024;
     Options {
         mode,
         unit_dirs,
-        target: a.target,
+        target: a.target.unwrap_or_else(|| "default.target".into()),
         socket: a.socket.unwrap_or_else(|| run_dir.join("init.sock")),
         notify_socket: run_dir.join("notify"),
         journal_dir,
         journal_limits: Limits { max_total_bytes: max, max_segment_bytes: (max / 16).max(64 * 1024) },
-        cgroup_root: a.cgroup_root,
+        cgroup_root: a.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
         hostname: a.hostname,
         forward_to_console: a.forward_to_console,
     }
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("init: {e}\n\n{USAGE}");
+            if std::process::id() == 1 {
+                run::reap_forever("bad command line");
+            }
+            std::process::exit(2);
+        }
+    };
     let opts = options(args);
     let pid1 = opts.mode != Mode::Supervisor;
     let outcome = std::panic::catch_unwind(move || -> anyhow::Result<i32> { Ok(Init::setup(opts)?.run()) });
