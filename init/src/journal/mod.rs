@@ -202,7 +202,7 @@ impl SegIdx {
         let due = self
             .marks
             .last()
-            .map_or(true, |&(_, o)| offset >= o.saturating_add(mark_every));
+            .is_none_or(|&(_, o)| offset >= o.saturating_add(mark_every));
         if due && self.marks.len() < MAX_MARKS && seq >= self.last_seq {
             self.marks.push((seq, offset));
         }
@@ -241,13 +241,13 @@ impl SegIdx {
     fn may_contain_unit(&self, unit: &str) -> bool {
         self.units
             .as_ref()
-            .map_or(true, |us| us.iter().any(|u| u == unit))
+            .is_none_or(|us| us.iter().any(|u| u == unit))
     }
 
     fn may_contain_boot(&self, boot: &str) -> bool {
         self.boots
             .as_ref()
-            .map_or(true, |bs| bs.iter().any(|b| b.id == boot))
+            .is_none_or(|bs| bs.iter().any(|b| b.id == boot))
     }
 
     /// Byte ranges `[start, end)` covering every record with seq > `after`
@@ -998,20 +998,20 @@ impl Journal {
             None => None,
         };
         let matches = |r: &Record| {
-            q.unit.as_ref().map_or(true, |u| &r.unit == u)
-                && boot.as_ref().map_or(true, |b| &r.boot == b)
-                && q.since_us.map_or(true, |s| r.ts_us >= s)
-                && q.after_seq.map_or(true, |a| r.seq > a)
+            q.unit.as_ref().is_none_or(|u| &r.unit == u)
+                && boot.as_ref().is_none_or(|b| &r.boot == b)
+                && q.since_us.is_none_or(|s| r.ts_us >= s)
+                && q.after_seq.is_none_or(|a| r.seq > a)
         };
         let candidates: Vec<usize> = (0..self.segs.len())
             .filter(|&i| {
                 let idx = &self.segs[i].idx;
                 let is_active = i + 1 == self.segs.len();
                 (idx.count > 0 || is_active)
-                    && q.after_seq.map_or(true, |a| idx.last_seq > a || is_active)
-                    && q.since_us.map_or(true, |s| idx.max_ts >= s || is_active)
-                    && q.unit.as_ref().map_or(true, |u| idx.may_contain_unit(u))
-                    && boot.as_ref().map_or(true, |b| idx.may_contain_boot(b))
+                    && q.after_seq.is_none_or(|a| idx.last_seq > a || is_active)
+                    && q.since_us.is_none_or(|s| idx.max_ts >= s || is_active)
+                    && q.unit.as_ref().is_none_or(|u| idx.may_contain_unit(u))
+                    && boot.as_ref().is_none_or(|b| idx.may_contain_boot(b))
             })
             .collect();
         match q.last {

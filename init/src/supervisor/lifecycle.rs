@@ -295,7 +295,7 @@ impl Supervisor {
 
     fn on_mainpid(&mut self, name: &str, v: &str) {
         let Ok(pid) = v.trim().parse::<i32>() else { return };
-        let in_unit = self.cgroups.as_ref().map_or(true, |cg| cg.unit_of_pid(pid).as_deref() == Some(name));
+        let in_unit = self.cgroups.as_ref().is_none_or(|cg| cg.unit_of_pid(pid).as_deref() == Some(name));
         if !in_unit {
             self.log(name, &format!("ignoring MAINPID={pid}: not a process of this unit"));
             return;
@@ -512,7 +512,7 @@ impl Supervisor {
             return;
         }
         let mode = self.spec(name).map(|s| s.kill_mode).unwrap_or(KillMode::ControlGroup);
-        let empty = mode != KillMode::ControlGroup || self.cgroups.as_ref().map_or(true, |cg| cg.is_empty(name));
+        let empty = mode != KillMode::ControlGroup || self.cgroups.as_ref().is_none_or(|cg| cg.is_empty(name));
         if empty {
             self.after_down(name, now);
         }
