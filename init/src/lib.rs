@@ -9,6 +9,7 @@
 pub mod api;
 pub mod boot;
 pub mod cgroup;
+pub mod cloudconfig;
 pub mod journal;
 pub mod notify;
 pub mod run;

@@ -125,6 +125,8 @@ pub struct Init {
     started: Instant,
     shutdown: Option<(PowerAction, Instant)>,
     orphans_reaped: u64,
+    /// Unit commands from cloud-config, run after the first unit load.
+    boot_commands: Vec<(String, String)>,
 }
 
 /// Longest a whole shutdown may take before init stops waiting for units and goes on.
@@ -135,6 +137,7 @@ impl Init {
         let started = Instant::now();
         let sigfd = signal_fd()?;
         let mut notes = Vec::new();
+        let mut boot_commands = Vec::new();
         match opts.mode {
             Mode::System => {
                 boot::attach_console();
@@ -144,6 +147,7 @@ impl Init {
                     notes.push(format!("hostname set to {h}"));
                 }
                 let _ = boot::ensure_machine_id(std::path::Path::new("/etc/machine-id"));
+                boot_commands = crate::cloudconfig::boot(&mut |m| notes.push(m.to_string()));
             }
             Mode::Namespace => {
                 if let Some(h) = opts.hostname.as_deref() {
@@ -192,7 +196,7 @@ impl Init {
         for n in notes {
             sup.log("init", &n);
         }
-        Ok(Init { opts, sup, server, notify, sigfd, started, shutdown: None, orphans_reaped: 0 })
+        Ok(Init { opts, sup, server, notify, sigfd, started, shutdown: None, orphans_reaped: 0, boot_commands })
     }
 
     /// Load units and start the target. Then serve until shutdown. Returns only in Namespace/Supervisor mode.
@@ -201,6 +205,16 @@ impl Init {
         let target = self.opts.target.clone();
         if let Err(e) = self.sup.start(&target, false) {
             self.sup.log("init", &format!("cannot start {target}: {e}; waiting for commands"));
+        }
+        for (unit, cmd) in std::mem::take(&mut self.boot_commands) {
+            let res = match cmd.as_str() {
+                "stop" => self.sup.stop(&unit),
+                "restart" | "reload-or-restart" | "try-restart" => self.sup.restart(&unit),
+                _ => self.sup.start(&unit, false),
+            };
+            if let Err(e) = res {
+                self.sup.log("init", &format!("cloud-config: {cmd} {unit}: {e}"));
+            }
         }
         loop {
             let now = Instant::now();

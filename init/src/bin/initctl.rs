@@ -98,6 +98,11 @@ enum Cmd {
     Poweroff,
     /// Stop every unit and halt.
     Halt,
+    /// Check a #cloud-config file offline: prints each problem as `user-data:LINE:COLUMN: …`, exits 1 on errors.
+    CloudConfig {
+        /// The user-data file to check.
+        file: PathBuf,
+    },
     /// Send sd_notify assignments (READY=1, STATUS=…) to $NOTIFY_SOCKET, like systemd-notify.
     Notify {
         /// KEY=VALUE assignments, e.g. READY=1 "STATUS=serving on :80".
@@ -148,6 +153,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Halt => Request::Power { action: PowerAction::Halt },
         Cmd::Ping { wait_ready, timeout } => return ping(&args, *wait_ready, *timeout),
         Cmd::Notify { assignments, pid } => return notify(assignments, pid),
+        Cmd::CloudConfig { file } => return check_cloud_config(file, args.json),
     };
     let mut client = connect(&args)?;
     let reply = client.call(&req)?;
@@ -177,6 +183,22 @@ fn logs_query(unit: &Option<String>, lines: Option<usize>, boot: &Option<String>
         now.saturating_sub(Duration::from_secs(s)).as_micros() as u64
     });
     Ok(Query { unit: unit.clone(), boot, since_us, last: lines, after_seq: None })
+}
+
+fn check_cloud_config(file: &std::path::Path, json: bool) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let (cfg, problems) = keel_init::cloudconfig::parse(&text, &Default::default());
+    if json {
+        println!("{}", serde_json::json!({ "config": cfg, "problems": problems }));
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        if problems.is_empty() {
+            println!("{}: valid", file.display());
+        }
+    }
+    Ok(i32::from(problems.iter().any(|p| p.fatal)))
 }
 
 fn notify(assignments: &[String], pid: &str) -> anyhow::Result<i32> {

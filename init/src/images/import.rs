@@ -283,3 +283,53 @@ pub fn write_oci_layout(dir: &Path, tag: &str, config: &ImageConfig, layers: &[V
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     Ok(md)
 }
+
+/// A one-layer image of a static busybox: `/bin/busybox`, a link per applet, `/etc/passwd` (root, nobody),
+/// `/etc/group`, and empty `/proc /sys /dev /tmp`. Written as an OCI layout in `dir`. For tests, benchmarks and
+/// as a minimal base image (`initctl image busybox`).
+pub fn write_busybox_layout(dir: &Path, busybox: &Path, tag: &str) -> std::io::Result<String> {
+    let applets = std::process::Command::new(busybox).arg("--list").output()?;
+    let mut b = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(size);
+        h
+    };
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "home"] {
+        let mode = if d == "tmp" { 0o1777 } else { 0o755 };
+        b.append_data(&mut header(tar::EntryType::Directory, mode, 0), d, std::io::empty())?;
+    }
+    let bin = fs::read(busybox)?;
+    b.append_data(&mut header(tar::EntryType::Regular, 0o755, bin.len() as u64), "bin/busybox", &bin[..])?;
+    for a in String::from_utf8_lossy(&applets.stdout).lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, format!("bin/{a}"), "busybox")?;
+    }
+    let files: [(&str, &[u8]); 3] = [
+        ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        ("etc/group", b"root:x:0:\nnogroup:x:65534:\n"),
+        ("etc/hostname", b"busybox\n"),
+    ];
+    for (name, data) in files {
+        b.append_data(&mut header(tar::EntryType::Regular, 0o644, data.len() as u64), name, data)?;
+    }
+    let layer = b.into_inner()?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &layer)?;
+    let config = ImageConfig {
+        architecture: oci::host_arch().into(),
+        os: "linux".into(),
+        config: Some(oci::ExecConfig {
+            env: Some(vec!["PATH=/bin".into()]),
+            cmd: Some(vec!["sh".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    write_oci_layout(dir, tag, &config, &[gz.finish()?])
+}

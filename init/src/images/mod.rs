@@ -14,6 +14,7 @@
 //! Does not: run containers (see `runtime`) or parse archives and registries (see `import` and `pull`,
 //! which only call `put_blob` and `register`).
 
+pub mod cli;
 pub mod import;
 pub mod oci;
 pub mod pull;
@@ -329,7 +330,11 @@ impl Store {
     pub fn resolve(&self, reference: &str) -> Result<ImageRecord, ImageError> {
         let images = self.read_index()?.images;
         let full = normalize_name(reference);
-        if let Some(r) = images.iter().find(|r| r.names.iter().any(|n| *n == full || n == reference)) {
+        // `docker save` and skopeo record Docker Hub names in full; `keel/web:1` finds `docker.io/keel/web:1`.
+        let short = |n: &str| -> String {
+            n.strip_prefix("docker.io/library/").or_else(|| n.strip_prefix("docker.io/")).unwrap_or(n).to_string()
+        };
+        if let Some(r) = images.iter().find(|r| r.names.iter().any(|n| *n == full || n == reference || short(n) == short(&full))) {
             return Ok(r.clone());
         }
         let needle = reference.strip_prefix("sha256:").unwrap_or(reference);

@@ -1,0 +1,116 @@
+//! `initctl run`: a one-off container in the foreground, through init's API.
+//!
+//! Owns: asking init for a transient unit (`Request::Run`), relaying its journal lines (stdout to stdout, stderr
+//! to stderr) while it runs, and exiting with the container's status (128+N when killed by signal N, 125 when it
+//! could not start, like docker). Does not: start anything itself — init does, so the container is a unit like
+//! any other (cgroup, journal, `initctl status`).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::api::client::Client;
+use crate::api::{Reply, Request};
+use crate::journal::{Query, Stream};
+use crate::supervisor::Active;
+
+use super::unit::RunSpec;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "EXAMPLES\n  initctl run busybox echo hello\n  initctl run --rm --net private -v /srv:/srv:ro busybox sh -c 'ls /srv; wget -qO- $KEEL_KV_URL/v2/keys'")]
+pub struct RunArgs {
+    /// Forget the transient unit once it exited (else it stays in `initctl list` until the next reload).
+    #[arg(long)]
+    pub rm: bool,
+    /// `host` (default) or `private` (own network namespace on the keel0 bridge).
+    #[arg(long, value_name = "host|private")]
+    pub net: Option<String>,
+    /// HOST:CONTAINER[:ro] bind mount; repeatable.
+    #[arg(short = 'v', long = "volume")]
+    pub volumes: Vec<String>,
+    /// NAME=value; repeatable.
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    /// An image in the store (`initctl image list`).
+    pub image: String,
+    /// The command and its arguments (default: the image's).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+fn print_new(client: &mut Client, unit: &str, after: &mut Option<u64>) -> anyhow::Result<()> {
+    let q = Query { unit: Some(unit.to_string()), after_seq: *after, ..Query::default() };
+    if let Reply::Records { records } = client.call(&Request::Logs { query: q, follow: false })? {
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        for r in records {
+            *after = Some(r.seq);
+            match r.stream {
+                Stream::Stdout => writeln!(out, "{}", r.message)?,
+                Stream::Stderr => writeln!(err, "{}", r.message)?,
+                Stream::Init => {}
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Run the container; returns the exit code for initctl.
+pub fn run(socket: &Path, args: &RunArgs) -> anyhow::Result<i32> {
+    let spec = RunSpec {
+        image: args.image.clone(),
+        command: args.command.clone(),
+        network: args.net.clone(),
+        volumes: args.volumes.clone(),
+        environment: args.env.clone(),
+    };
+    let mut client = Client::connect(socket)?;
+    let (unit, ok, message) = match client.call(&Request::Run { spec })? {
+        Reply::Job { unit, ok, message, .. } => (unit, ok, message),
+        Reply::Error { message, .. } => {
+            eprintln!("initctl: {message}");
+            return Ok(125);
+        }
+        other => anyhow::bail!("unexpected reply from init: {other:?}"),
+    };
+    let mut after = None;
+    if !ok {
+        print_new(&mut client, &unit, &mut after)?;
+        eprintln!("initctl: {unit}: {message}");
+        if args.rm {
+            let _ = client.call(&Request::Forget { unit: unit.clone() });
+        }
+        return Ok(125);
+    }
+    let mut finished_at: Option<Instant> = None;
+    let code = loop {
+        print_new(&mut client, &unit, &mut after)?;
+        let status = match client.call(&Request::Status { unit: unit.clone(), lines: 0 })? {
+            Reply::Status { status, .. } => status,
+            other => anyhow::bail!("unexpected reply from init: {other:?}"),
+        };
+        let done = status.job.is_none() && matches!(status.active, Active::Inactive | Active::Failed);
+        if done {
+            // The last output lines may still be in the pipe when the exit is seen: one more round after a beat.
+            match finished_at {
+                None => finished_at = Some(Instant::now()),
+                Some(t) if t.elapsed() >= Duration::from_millis(50) => {
+                    break match status.last_exit {
+                        Some(e) => e.code.unwrap_or_else(|| 128 + e.signal.unwrap_or(0)),
+                        None => {
+                            eprintln!("initctl: {unit}: {}", status.error.unwrap_or_else(|| "ended without an exit status".into()));
+                            125
+                        }
+                    };
+                }
+                Some(_) => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    print_new(&mut client, &unit, &mut after)?;
+    if args.rm {
+        let _ = client.call(&Request::Forget { unit: unit.clone() });
+    }
+    Ok(code)
+}
