@@ -205,3 +205,38 @@ fn templates_drop_ins_enable_and_restart_work_through_initctl() {
     t.ctl_ok(&["stop", "worker@7.service"]);
     assert_eq!(t.active("worker@7.service"), "inactive");
 }
+
+#[test]
+fn logs_follow_streams_new_lines_as_they_arrive() {
+    let unit = "[Service]\nExecStart=/bin/sh -c 'i=0; while :; do i=$((i+1)); echo line-$i; sleep 0.1; done'\n";
+    let t = TestInit::start(&[("talker.service", unit)], &["talker.service"]);
+    t.wait_ready();
+    let mut child = std::process::Command::new(INITCTL)
+        .arg("--socket")
+        .arg(t.socket())
+        .args(["logs", "-f", "-n", "1", "talker.service"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("initctl logs -f");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + LONG;
+    while seen.len() < 5 && std::time::Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.len() >= 5, "follow delivered new lines: {seen:?}");
+    let nums: Vec<u64> = seen.iter().filter_map(|l| l.rsplit("line-").next()?.trim().parse().ok()).collect();
+    assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "in order, none lost or repeated: {seen:?}");
+}
