@@ -240,3 +240,26 @@ fn logs_follow_streams_new_lines_as_they_arrive() {
     let nums: Vec<u64> = seen.iter().filter_map(|l| l.rsplit("line-").next()?.trim().parse().ok()).collect();
     assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "in order, none lost or repeated: {seen:?}");
 }
+
+#[test]
+fn cgroup_limits_are_written_or_reported_as_unavailable() {
+    let unit = "[Service]\nExecStart=/bin/sleep 1000\nMemoryMax=64M\nTasksMax=5\nCPUQuota=50%\n";
+    let t = TestInit::start(&[("limited.service", unit)], &["limited.service"]);
+    t.wait_ready();
+    let Some(cg) = t.cgroup.clone() else { panic!("this test needs a cgroup2 mount") };
+    let unit_cg = cg.join("limited.service");
+    let procs = std::fs::read_to_string(unit_cg.join("cgroup.procs")).expect("unit cgroup exists");
+    assert_eq!(procs.lines().count(), 1, "the unit's one process is in its cgroup (pids are host pids here)");
+    assert_eq!(t.status("limited.service")["status"]["tasks"], 1);
+    let controllers = std::fs::read_to_string(cg.join("cgroup.controllers")).unwrap_or_default();
+    let logs = t.logs("limited.service");
+    for (ctl, file, want, key) in [("pids", "pids.max", "5", "TasksMax"), ("memory", "memory.max", "67108864", "MemoryMax"), ("cpu", "cpu.max", "50000 100000", "CPUQuota")] {
+        if controllers.split_whitespace().any(|c| c == ctl) {
+            let got = std::fs::read_to_string(unit_cg.join(file)).unwrap_or_default();
+            assert_eq!(got.trim(), want, "{file}");
+        } else {
+            // A hybrid host binds this controller to cgroup v1: the unit still runs, and says why the limit is off.
+            assert!(logs.contains(&format!("{key}= ignored")), "{key} not reported as unavailable:\n{logs}");
+        }
+    }
+}
