@@ -137,17 +137,28 @@ impl Init {
         let started = Instant::now();
         let sigfd = signal_fd()?;
         let mut notes = Vec::new();
+        // Phases that took long enough to matter for boot time are named in the first log lines.
+        let mut phase_at = Instant::now();
+        let mut timed = |notes: &mut Vec<String>, what: &str| {
+            let ms = phase_at.elapsed().as_millis();
+            if ms >= 50 {
+                notes.push(format!("{what} took {ms} ms"));
+            }
+            phase_at = Instant::now();
+        };
         let mut boot_commands = Vec::new();
         match opts.mode {
             Mode::System => {
                 boot::attach_console();
                 notes.extend(boot::mount_early());
+                timed(&mut notes, "early mounts");
                 sys::disable_cad();
                 if let Some(h) = boot::set_hostname(opts.hostname.as_deref()) {
                     notes.push(format!("hostname set to {h}"));
                 }
                 let _ = boot::ensure_machine_id(std::path::Path::new("/etc/machine-id"));
                 boot_commands = crate::cloudconfig::boot(&mut |m| notes.push(m.to_string()));
+                timed(&mut notes, "hostname, machine-id and cloud-config");
             }
             Mode::Namespace => {
                 if let Some(h) = opts.hostname.as_deref() {
@@ -170,6 +181,7 @@ impl Init {
             .unwrap_or_else(|_| boot::random_id());
         // A namespace or supervisor restart is a new "boot" of this init.
         let boot_id = if opts.mode == Mode::System { boot_id } else { boot::random_id() };
+        timed(&mut notes, "cgroup setup");
         let journal = match Journal::open(&opts.journal_dir, opts.journal_limits, &boot_id) {
             Ok(j) => {
                 notes.extend(j.recovery_notes().iter().cloned());
@@ -192,7 +204,8 @@ impl Init {
             forward_to_console: opts.forward_to_console,
         };
         let mut sup = Supervisor::new(cfg, cgroups, journal);
-        sup.log("init", &format!("keel init {} starting ({:?} mode, pid {})", env!("CARGO_PKG_VERSION"), opts.mode, std::process::id()));
+        timed(&mut notes, "journal and sockets");
+        sup.log("init", &format!("keel init {} starting ({:?} mode, pid {}, setup {} ms)", env!("CARGO_PKG_VERSION"), opts.mode, std::process::id(), started.elapsed().as_millis()));
         for n in notes {
             sup.log("init", &n);
         }
