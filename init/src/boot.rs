@@ -83,13 +83,39 @@ pub fn attach_console() {
 }
 
 /// A fresh random 128-bit id as 32 hex digits (boot id, machine id).
+///
+/// Read from /proc/sys/kernel/random/uuid, which never blocks: /dev/urandom waits for the kernel's CRNG to be
+/// seeded, which under emulation takes over a second of early boot.
 pub fn random_id() -> String {
-    let mut b = [0u8; 16];
-    if fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        b = (t ^ u128::from(std::process::id())).to_le_bytes();
+    if let Ok(u) = fs::read_to_string("/proc/sys/kernel/random/uuid") {
+        let hex: String = u.trim().chars().filter(char::is_ascii_hexdigit).collect();
+        if hex.len() == 32 {
+            return hex;
+        }
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:032x}", t ^ u128::from(std::process::id()))
+}
+
+/// A machine's stable identity: the VM's or board's DMI product UUID where the platform sets one (as systemd
+/// does in VMs), otherwise random. Mixed with the NICs' MAC addresses so identical clones of one image that boot
+/// before the kernel's entropy is seeded still differ.
+fn new_machine_id() -> String {
+    let dmi = fs::read_to_string("/sys/class/dmi/id/product_uuid").unwrap_or_default();
+    let dmi: String = dmi.trim().chars().filter(char::is_ascii_hexdigit).collect::<String>().to_lowercase();
+    if dmi.len() == 32 && dmi.chars().any(|c| c != '0') && dmi.chars().any(|c| c != 'f') {
+        return dmi;
+    }
+    let mut id: Vec<u8> = (0..16).filter_map(|i| u8::from_str_radix(random_id().get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    for e in fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+        let mac = fs::read_to_string(e.path().join("address")).unwrap_or_default();
+        for (i, b) in mac.trim().split(':').filter_map(|x| u8::from_str_radix(x, 16).ok()).enumerate() {
+            if let Some(slot) = id.get_mut(i % 16) {
+                *slot ^= b;
+            }
+        }
+    }
+    id.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// /etc/machine-id, generated on first boot if missing or empty.
@@ -100,7 +126,7 @@ pub fn ensure_machine_id(path: &Path) -> Option<String> {
             return Some(s.to_string());
         }
     }
-    let id = random_id();
+    let id = new_machine_id();
     fs::write(path, format!("{id}\n")).ok()?;
     Some(id)
 }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod boot;
 pub mod cgroup;
 pub mod cloudconfig;
+pub mod initrd;
 pub mod journal;
 pub mod notify;
 pub mod run;

@@ -153,6 +153,9 @@ impl Init {
                 notes.extend(boot::mount_early());
                 timed(&mut notes, "early mounts");
                 sys::disable_cad();
+                if let Err(e) = sys::loopback_up() {
+                    notes.push(format!("cannot bring up lo: {e}"));
+                }
                 if let Some(h) = boot::set_hostname(opts.hostname.as_deref()) {
                     notes.push(format!("hostname set to {h}"));
                 }

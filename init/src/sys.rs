@@ -175,3 +175,34 @@ pub fn peer_uid(fd: BorrowedFd<'_>) -> Option<u32> {
 pub fn raw<F: AsRawFd>(f: &F) -> RawFd {
     f.as_raw_fd()
 }
+
+/// Bring the loopback interface up (SIOCGIFFLAGS / SIOCSIFFLAGS), as every init does before any unit runs.
+pub fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: socket(2) with constant arguments; the returned fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq naming "lo"; SIOCGIFFLAGS fills ifru_flags, SIOCSIFFLAGS reads it.
+    let rc = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            -1
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)
+        }
+    };
+    let err = Errno::last();
+    // SAFETY: closing the fd we opened above.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        Err(err)
+    } else {
+        Ok(())
+    }
+}

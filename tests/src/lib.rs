@@ -1,1 +1,9 @@
-//! Work in progress: see the open issue for this component.
+//! Keel's cross-component and QEMU integration tests: library side.
+//!
+//! - `vm`: start a Keel VM from the built image (own qcow2 overlay, own OVMF vars), read its serial console
+//!   into a log, wait for markers with deadlines, run commands over the debug-shell port, shut down; QEMU is
+//!   always killed on drop and the console log is kept under target/keel-tests/.
+//! - `image`: build the image under test with mkimage (once per test process).
+
+pub mod image;
+pub mod vm;

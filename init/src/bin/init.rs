@@ -146,6 +146,15 @@ fn options(a: Args) -> Options {
 }
 
 fn main() {
+    // In the initramfs (PID 1 with /etc/initrd-release, or `init --initrd`): find and mount the USR slot and
+    // ROOT, then switch_root into the real init. Never returns on success.
+    if std::env::args().nth(1).as_deref() == Some("--initrd")
+        || (std::process::id() == 1 && std::path::Path::new("/etc/initrd-release").exists())
+    {
+        let Err(e) = keel_init::initrd::run();
+        eprintln!("keel initrd: FATAL: {e:#}");
+        run::reap_forever("initramfs mode failed");
+    }
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {

@@ -120,7 +120,10 @@ pub fn is_index(media_type: &str, doc: &serde_json::Value) -> bool {
 /// Pick the linux/amd64 (or this machine's architecture) manifest of an index.
 pub fn pick_platform(index: &Index) -> Option<&Descriptor> {
     let arch = host_arch();
-    let fits = |d: &&Descriptor| d.platform.as_ref().map_or(true, |p| p.os == "linux" && p.architecture == arch);
+    let fits = |d: &&Descriptor| match &d.platform {
+        Some(p) => p.os == "linux" && p.architecture == arch,
+        None => true,
+    };
     index.manifests.iter().find(fits)
 }
 

@@ -58,6 +58,7 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
     ar.set_unpack_xattrs(true);
     ar.set_overwrite(true);
     let entries = ar.entries().map_err(|e| format!("not a tar archive: {e}"))?;
+    let root = dest.canonicalize().map_err(|e| format!("{}: {e}", dest.display()))?;
     let mut opaque = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| format!("damaged tar stream: {e}"))?;
@@ -67,6 +68,11 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
         if let Some(hidden) = name.strip_prefix(".wh.") {
             let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
             fs::create_dir_all(&parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            // An earlier entry may have made a directory on the way a symlink: never follow it out of the layer.
+            let real = parent.canonicalize().map_err(|e| format!("{}: {e}", parent.display()))?;
+            if !real.starts_with(&root) {
+                return Err(format!("whiteout {} points outside the layer through a symlink", path.display()));
+            }
             if hidden == ".wh..opq" {
                 opaque.push(parent);
             } else {
@@ -129,10 +135,38 @@ mod tests {
             assert_eq!(fs::read(dest.join("etc/keep")).expect("keep"), b"k", "{kind}");
             let wh = fs::symlink_metadata(dest.join("etc/gone")).expect("whiteout");
             assert!(wh.file_type().is_char_device(), "{kind}: whiteout is a char device");
-            let x = rustix::fs::getxattr(&dest.join("var"), "trusted.overlay.opaque", &mut [0u8; 4]);
+            let x = rustix::fs::getxattr(dest.join("var"), "trusted.overlay.opaque", &mut [0u8; 4]);
             assert_eq!(x.ok(), Some(1), "{kind}: opaque xattr");
             assert!(dest.join("var/new").exists());
         }
+    }
+
+    #[test]
+    fn whiteouts_behind_a_symlink_cannot_leave_the_layer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).expect("mkdir");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_link(&mut h, "etc", &outside).expect("link");
+        let mut w = tar::Header::new_gnu();
+        w.set_size(0);
+        w.set_mode(0o644);
+        w.set_uid(0);
+        w.set_gid(0);
+        w.set_mtime(0);
+        b.append_data(&mut w, "etc/.wh.passwd", std::io::empty()).expect("wh");
+        let blob = dir.path().join("blob");
+        fs::write(&blob, b.into_inner().expect("tar")).expect("write");
+        let err = unpack_layer(&blob, &dir.path().join("out")).unwrap_err();
+        assert!(err.contains("outside the layer"), "{err}");
+        assert!(fs::read_dir(&outside).expect("read").next().is_none(), "nothing created outside");
     }
 
     #[test]

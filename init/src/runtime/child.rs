@@ -56,6 +56,8 @@ impl Stage {
 pub struct ChildPlan {
     pub clone_flags: libc::c_int,
     pub cgroup_procs: Option<RawFd>,
+    /// cgroup v1 `cgroup.procs` files to join as well (hybrid hosts, see `v1`).
+    pub extra_cgroups: Vec<RawFd>,
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
@@ -119,31 +121,40 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
 }
 
 fn run_op(op: &FsOp) -> Result<(), Errno> {
-    // SAFETY (all arms): every pointer is a NUL-terminated string owned by the plan, or null where the syscall
-    // accepts null; these calls only touch the file system and mount table of this (child) process.
     match op {
-        FsOp::Mkdir { path, mode } => match check(unsafe { libc::mkdir(path.as_ptr(), *mode) }) {
-            Err(Errno::EEXIST) => Ok(()),
-            r => r,
-        },
+        FsOp::Mkdir { path, mode } => {
+            // SAFETY: `path` is a NUL-terminated string owned by the plan.
+            match check(unsafe { libc::mkdir(path.as_ptr(), *mode) }) {
+                Err(Errno::EEXIST) => Ok(()),
+                r => r,
+            }
+        }
         FsOp::Touch { path } => {
+            // SAFETY: `path` is a NUL-terminated string owned by the plan; the fd is closed right below.
             let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };
             if fd < 0 {
                 return Err(Errno::last());
             }
+            // SAFETY: `fd` was just opened by this process and is not used again.
             unsafe { libc::close(fd) };
             Ok(())
         }
-        FsOp::Mount { src, target, fstype, flags, data } => check(unsafe {
-            libc::mount(opt_ptr(src), target.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast())
-        }),
+        FsOp::Mount { src, target, fstype, flags, data } => {
+            // SAFETY: every pointer is a NUL-terminated string owned by the plan, or null where mount(2) accepts null;
+            // this changes only the mount table of the child's own (new) mount namespace.
+            check(unsafe { libc::mount(opt_ptr(src), target.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast()) })
+        }
         FsOp::Mknod { path, mode, major, minor } => {
+            // SAFETY: `path` is a NUL-terminated string owned by the plan.
             check(unsafe { libc::mknod(path.as_ptr(), *mode, libc::makedev(*major, *minor)) })
         }
-        FsOp::Symlink { target, link } => match check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }) {
-            Err(Errno::EEXIST) => Ok(()),
-            r => r,
-        },
+        FsOp::Symlink { target, link } => {
+            // SAFETY: both are NUL-terminated strings owned by the plan.
+            match check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }) {
+                Err(Errno::EEXIST) => Ok(()),
+                r => r,
+            }
+        }
     }
 }
 
@@ -179,6 +190,12 @@ fn run_child(plan: &ChildPlan) -> ! {
         // SAFETY: `fd` is an open cgroup.procs; writing "0" moves this process into the unit's cgroup.
         if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } < 0 {
             fail(plan, Stage::Cgroup, 0, Errno::last());
+        }
+    }
+    for (i, fd) in plan.extra_cgroups.iter().enumerate() {
+        // SAFETY: as above, for a cgroup v1 cgroup.procs.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } < 0 {
+            fail(plan, Stage::Cgroup, i + 1, Errno::last());
         }
     }
     for (from, to) in [(plan.stdin, 0), (plan.stdout, 1), (plan.stderr, 2)] {

@@ -55,6 +55,25 @@ fn print_new(client: &mut Client, unit: &str, after: &mut Option<u64>) -> anyhow
     Ok(())
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Ctrl-C (or SIGTERM) stops the container instead of leaving it running without a terminal.
+fn catch_interrupts() {
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_interrupt),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
+    }
+}
+
 /// Run the container; returns the exit code for initctl.
 pub fn run(socket: &Path, args: &RunArgs) -> anyhow::Result<i32> {
     let spec = RunSpec {
@@ -82,8 +101,15 @@ pub fn run(socket: &Path, args: &RunArgs) -> anyhow::Result<i32> {
         }
         return Ok(125);
     }
+    catch_interrupts();
+    let mut stop_sent = false;
     let mut finished_at: Option<Instant> = None;
     let code = loop {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) && !stop_sent {
+            eprintln!("initctl: stopping {unit}");
+            let _ = client.call(&Request::Stop { unit: unit.clone(), wait: false });
+            stop_sent = true;
+        }
         print_new(&mut client, &unit, &mut after)?;
         let status = match client.call(&Request::Status { unit: unit.clone(), lines: 0 })? {
             Reply::Status { status, .. } => status,

@@ -23,6 +23,7 @@ pub mod net;
 pub mod seccomp;
 pub mod spec;
 pub mod unit;
+pub mod v1;
 
 use std::ffi::CString;
 use std::fs;
@@ -61,6 +62,8 @@ pub enum ContainerError {
     VolumeSource { host: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Cgroup(String),
     #[error("private network: {0}")]
     Network(String),
     #[error("cannot create the container: clone: {0}")]
@@ -85,6 +88,9 @@ fn cpath(p: &Path) -> Result<CString, ContainerError> {
     cstr(p.as_os_str().as_bytes())
 }
 
+/// The child's filesystem steps before and after pivot_root, each with a description for error messages.
+type FsSteps = (Vec<FsOp>, Vec<String>, Vec<FsOp>, Vec<String>);
+
 /// Where images and containers live.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -104,6 +110,9 @@ pub struct StartRequest<'a> {
     pub stdout: RawFd,
     pub stderr: RawFd,
     pub cgroup_procs: Option<RawFd>,
+    /// `MemoryMax=` and `TasksMax=`, applied through cgroup v1 when those controllers are not in cgroup2 (see `v1`).
+    pub memory_max: Option<u64>,
+    pub tasks_max: Option<u64>,
 }
 
 /// Everything decided before any system change.
@@ -280,7 +289,7 @@ impl Runtime {
     }
 
     /// The filesystem steps the child runs, with a description of each for error messages.
-    fn fs_ops(&self, plan: &Plan, spec: &ContainerSpec, dir: &Path) -> Result<(Vec<FsOp>, Vec<String>, Vec<FsOp>, Vec<String>), ContainerError> {
+    fn fs_ops(&self, plan: &Plan, spec: &ContainerSpec, dir: &Path) -> Result<FsSteps, ContainerError> {
         let rootfs = dir.join("rootfs");
         let mut ops = Vec::new();
         let mut what = Vec::new();
@@ -418,11 +427,13 @@ impl Runtime {
         if spec.network == Network::Private {
             flags |= libc::CLONE_NEWNET;
         }
+        let v1_joins = v1::prepare(req.unit, req.memory_max, req.tasks_max).map_err(ContainerError::Cgroup)?;
         let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| ContainerError::Io { path: "pipe".into(), source: e.into() })?;
         let (rep_r, rep_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| ContainerError::Io { path: "pipe".into(), source: e.into() })?;
         let cplan = ChildPlan {
             clone_flags: flags,
             cgroup_procs: req.cgroup_procs,
+            extra_cgroups: v1_joins.iter().map(|f| f.as_raw_fd()).collect(),
             stdin: req.stdin,
             stdout: req.stdout,
             stderr: req.stderr,
@@ -438,7 +449,7 @@ impl Runtime {
             uid: plan.uid,
             gid: plan.gid,
             groups: plan.groups.clone(),
-            seccomp: seccomp::program(),
+            seccomp: seccomp::program(plan.caps & (1u64 << 21) != 0),
             candidates: plan.candidates.iter().map(cstr).collect::<Result<_, _>>()?,
             argv: argv_c.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect(),
             envp: env_c.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect(),
@@ -514,6 +525,7 @@ impl Runtime {
             store.drop_lease(unit);
         }
         net::release(&self.containers, unit);
+        v1::remove(unit);
     }
 }
 

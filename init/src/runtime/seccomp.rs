@@ -67,10 +67,14 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The filter program.
-pub fn program() -> Vec<libc::sock_filter> {
+/// Syscalls that only make sense with CAP_SYS_ADMIN: allowed (with namespace-creating `clone`) when a unit grants
+/// it with `AddCapability=SYS_ADMIN`, as Docker does.
+const ADMIN: &[&str] = &["mount", "umount2", "pivot_root", "unshare", "setns", "fsopen", "fsmount", "move_mount", "open_tree"];
+
+/// The filter program; `sys_admin` relaxes it for containers granted CAP_SYS_ADMIN.
+pub fn program(sys_admin: bool) -> Vec<libc::sock_filter> {
     let deny = RET_ERRNO | libc::EPERM as u32;
-    let list = denied();
+    let list: Vec<(&str, i64)> = denied().into_iter().filter(|(n, _)| !(sys_admin && ADMIN.contains(n))).collect();
     let mut p = vec![
         stmt(LD_W_ABS, 4), // seccomp_data.arch
         jump(JEQ_K, AUDIT_ARCH, 1, 0),
@@ -81,12 +85,14 @@ pub fn program() -> Vec<libc::sock_filter> {
     p.push(jump(JEQ_K, libc::SYS_clone3 as u32, 0, 1));
     p.push(stmt(RET_K, RET_ERRNO | libc::ENOSYS as u32));
     // clone with CLONE_NEWUSER (or any other namespace flag) is refused; the flags are args[0] (low word).
-    p.push(jump(JEQ_K, libc::SYS_clone as u32, 0, 4));
-    p.push(stmt(LD_W_ABS, 16));
-    let ns_flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP) as u32;
-    p.push(jump(JSET_K, ns_flags, 0, 1));
-    p.push(stmt(RET_K, deny));
-    p.push(stmt(RET_K, RET_ALLOW));
+    if !sys_admin {
+        p.push(jump(JEQ_K, libc::SYS_clone as u32, 0, 4));
+        p.push(stmt(LD_W_ABS, 16));
+        let ns_flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP) as u32;
+        p.push(jump(JSET_K, ns_flags, 0, 1));
+        p.push(stmt(RET_K, deny));
+        p.push(stmt(RET_K, RET_ALLOW));
+    }
     let n = list.len();
     for (i, (_, nr)) in list.iter().enumerate() {
         // Jump to the deny at the end when equal; otherwise fall through to the next test.
@@ -125,7 +131,7 @@ mod tests {
 
     #[test]
     fn denies_the_list_and_allows_the_rest() {
-        let p = program();
+        let p = program(false);
         let eperm = RET_ERRNO | libc::EPERM as u32;
         for (name, nr) in denied() {
             assert_eq!(run(&p, AUDIT_ARCH, nr as u32, 0), eperm, "{name} must be denied");
@@ -138,5 +144,9 @@ mod tests {
         assert_eq!(run(&p, AUDIT_ARCH, libc::SYS_clone3 as u32, 0), RET_ERRNO | libc::ENOSYS as u32);
         assert_eq!(run(&p, 0x4000_0003, libc::SYS_read as u32, 0), eperm, "foreign arch");
         assert!(p.len() < 255, "jump offsets fit in a u8");
+        let admin = program(true);
+        assert_eq!(run(&admin, AUDIT_ARCH, libc::SYS_mount as u32, 0), RET_ALLOW, "SYS_ADMIN containers may mount");
+        assert_eq!(run(&admin, AUDIT_ARCH, libc::SYS_clone as u32, libc::CLONE_NEWNS as u32), RET_ALLOW);
+        assert_eq!(run(&admin, AUDIT_ARCH, libc::SYS_kexec_load as u32, 0), eperm, "never kexec");
     }
 }

@@ -51,6 +51,8 @@ pub fn start(
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
         cgroup_procs: cgroup_procs.map(|f| f.as_raw_fd()),
+        memory_max: unit.service.as_ref().and_then(|s| s.memory_max),
+        tasks_max: unit.service.as_ref().and_then(|s| s.tasks_max),
     };
     Runtime::from_env().start(&req).map_err(|e| e.to_string())
 }
@@ -63,11 +65,15 @@ pub fn cleanup(name: &str) {
 /// Called for every reaped process of a container unit: when it is the container's first process, the container
 /// is gone (its namespaces with it) and its leftovers are removed before anything else (a restart, the next
 /// `ExecStart=` of a oneshot) can start a new one.
-pub fn on_exit(name: &str, pid: i32) {
+/// Returns true when the container's memory cgroup (v1 fallback) recorded an OOM kill.
+pub fn on_exit(name: &str, pid: i32) -> bool {
     let rt = Runtime::from_env();
-    if rt.pid_of(name) == Some(pid) {
-        rt.cleanup(name);
+    if rt.pid_of(name) != Some(pid) {
+        return false;
     }
+    let oom = super::v1::oom_kills(name) > 0;
+    rt.cleanup(name);
+    oom
 }
 
 /// What `initctl run` asks for.

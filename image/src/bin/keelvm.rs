@@ -1,0 +1,176 @@
+//! `keelvm`: boot a built Keel image in QEMU for development, console on the terminal.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use keel_image::mkimage::content::AUTOLOGIN_FW_CFG;
+use keel_image::mkimage::Manifest;
+use keel_image::qemu::{self, Boot, Console, VmSpec};
+
+/// Boot Keel's image (built by mkimage into out/) in QEMU, serial console on
+/// this terminal. TCG only (no KVM here), -smp 1 -m 512, no network.
+///
+///   keelvm run          direct kernel boot (-kernel/-initrd/-append): fastest
+///   keelvm run --uefi   the real path: OVMF -> systemd-boot -> UKI on the ESP
+///                       (boot counting applies)
+///
+/// The VM writes to out/vm/disk.qcow2, an overlay on out/keel.img that
+/// survives between runs (--fresh starts over); UEFI gets its own
+/// out/vm/OVMF_VARS.fd. The console logs you in as root (fw_cfg
+/// opt/keel/autologin; --no-autologin for the plain boot), so `initctl list`
+/// works at once. QEMU keys: Ctrl-A X quits, Ctrl-A C toggles the monitor.
+///
+/// A second root shell runs on a virtio-serial port; from another terminal:
+///   keelvm shell
+///
+/// Examples:
+///   keelvm run --user-data my.yml     # cloud-config via fw_cfg opt/keel/user-data
+///   keelvm run --slot USR-B           # direct boot of the other slot
+///   keelvm run --slot gpt             # no keel.usr=: GPT slot bits decide
+///   keelvm run --append keel.rescue   # rescue shell in the initramfs
+///   keelvm print --uefi               # show the QEMU command line only
+#[derive(Parser, Debug)]
+#[command(name = "keelvm", version, verbatim_doc_comment)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot the image (replaces this process with QEMU).
+    Run(RunArgs),
+    /// Attach this terminal to the debug shell of a running `keelvm run` (virtio-serial port).
+    Shell {
+        /// The socket `keelvm run` created.
+        #[arg(long, default_value = "out/vm/shell.sock")]
+        socket: PathBuf,
+    },
+    /// Print the QEMU command line `run` would execute.
+    Print(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// mkimage's output directory.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Boot through OVMF + systemd-boot instead of direct kernel boot.
+    #[arg(long)]
+    uefi: bool,
+    /// Discard out/vm/disk.qcow2 (and UEFI vars) first.
+    #[arg(long)]
+    fresh: bool,
+    /// Direct boot only: USR-A, USR-B, or "gpt" (let the initramfs choose from the GPT slot bits).
+    #[arg(long, default_value = "USR-A")]
+    slot: String,
+    /// Direct boot only: extra kernel command line.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// cloud-config user-data file passed as fw_cfg opt/keel/user-data.
+    #[arg(long)]
+    user_data: Option<PathBuf>,
+    /// Memory in MiB (UEFI needs at least 160).
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Do not log in on the console.
+    #[arg(long)]
+    no_autologin: bool,
+    /// Attach a tap device (NAME,MAC), e.g. inside a network namespace.
+    #[arg(long)]
+    tap: Option<String>,
+}
+
+fn build_spec(a: &RunArgs) -> anyhow::Result<VmSpec> {
+    let m = Manifest::load(&a.out).with_context(|| {
+        format!("no built image in {}: run mkimage first (target/x86_64-unknown-linux-gnu/release/mkimage)", a.out.display())
+    })?;
+    let vm = a.out.join("vm");
+    std::fs::create_dir_all(&vm).with_context(|| format!("creating {}", vm.display()))?;
+    let disk = vm.join("disk.qcow2");
+    if a.fresh || !disk.exists() {
+        qemu::create_overlay(&m.image, &disk)?;
+    }
+    let boot = if a.uefi {
+        let vars = vm.join("OVMF_VARS.fd");
+        if a.fresh || !vars.exists() {
+            qemu::fresh_vars(&vars)?;
+        }
+        Boot::Uefi { vars }
+    } else {
+        let mut cmdline = match a.slot.as_str() {
+            "gpt" => m.cmdline.clone(),
+            "USR-A" | "USR-B" => m.cmdline_for(&a.slot),
+            other => bail!("--slot {other}: expected USR-A, USR-B or gpt"),
+        };
+        if !a.append.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&a.append);
+        }
+        Boot::Direct { kernel: m.kernel.clone(), initrd: m.initrd.clone(), cmdline }
+    };
+    let mut spec = VmSpec::new(disk, boot);
+    spec.memory_mib = a.mem;
+    spec.console = Console::Terminal;
+    let sock = vm.join("shell.sock");
+    let _ = std::fs::remove_file(&sock);
+    spec.shell_socket = Some(sock);
+    if let Some(ud) = &a.user_data {
+        spec.fw_cfg_files.push((qemu::USER_DATA_FW_CFG.into(), ud.clone()));
+    }
+    if !a.no_autologin {
+        spec.fw_cfg_strings.push((AUTOLOGIN_FW_CFG.into(), "1".into()));
+    }
+    if let Some(t) = &a.tap {
+        let (ifname, mac) = t.split_once(',').context("--tap wants NAME,MAC")?;
+        spec.net = qemu::Net::Tap { ifname: ifname.into(), mac: mac.into() };
+    }
+    Ok(spec)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().cmd {
+        Cmd::Run(a) => {
+            let spec = build_spec(&a)?;
+            let q = qemu::qemu_binary()?;
+            eprintln!("keelvm: {} {}", q.display(), spec.args().join(" "));
+            eprintln!("keelvm: Ctrl-A X quits; `keelvm shell` attaches a second root shell");
+            let err = std::process::Command::new(&q).args(spec.args()).exec();
+            Err(err).with_context(|| format!("executing {}", q.display()))
+        }
+        Cmd::Print(a) => {
+            let spec = build_spec(&a)?;
+            println!("{} {}", qemu::qemu_binary()?.display(), spec.args().join(" "));
+            Ok(())
+        }
+        Cmd::Shell { socket } => {
+            let mut s = std::os::unix::net::UnixStream::connect(&socket)
+                .with_context(|| format!("connecting to {} (is `keelvm run` running?)", socket.display()))?;
+            let mut r = s.try_clone().context("cloning the socket")?;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut out = std::io::stdout();
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 || out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = out.flush();
+                }
+            });
+            eprintln!("keelvm: attached to the debug shell; Ctrl-D leaves");
+            s.write_all(b"\n").context("writing to the shell")?;
+            let mut buf = [0u8; 4096];
+            let mut inp = std::io::stdin();
+            loop {
+                let n = inp.read(&mut buf).context("reading stdin")?;
+                if n == 0 {
+                    return Ok(());
+                }
+                s.write_all(&buf[..n]).context("writing to the shell")?;
+            }
+        }
+    }
+}

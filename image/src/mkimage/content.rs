@@ -1,0 +1,122 @@
+//! Files the image ships that are not built binaries: units, helper scripts, /etc skeleton, os-release.
+//!
+//! Owns: their text. Does not: decide where they go (see `mkimage::stage`).
+
+/// Name of the virtio-serial port that carries the debug shell (QEMU `virtserialport,name=…`).
+pub const SHELL_PORT: &str = "org.keel.shell";
+
+/// `fw_cfg` file that turns on the console autologin shell (`-fw_cfg name=opt/keel/autologin,string=1`).
+pub const AUTOLOGIN_FW_CFG: &str = "opt/keel/autologin";
+
+pub fn os_release(version: &str) -> String {
+    format!(
+        "NAME=\"Keel\"\nID=keel\nVERSION=\"{version}\"\nVERSION_ID={version}\nIMAGE_VERSION={version}\n\
+         PRETTY_NAME=\"Keel {version}\"\nHOME_URL=\"https://example.invalid/keel\"\n"
+    )
+}
+
+/// `/usr/lib/keel/debug-shell`: a root shell on the virtio-serial port, for tests and `keelvm --shell`.
+pub const DEBUG_SHELL: &str = r#"#!/bin/sh
+# Keel debug shell: serves /usr/bin/sh on the virtio-serial port named org.keel.shell
+# (QEMU: -device virtio-serial-pci -device virtserialport,chardev=X,name=org.keel.shell).
+# The test harness and `keelvm --shell` talk to it. Exits 0 when the port is absent (real machines).
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin HOME=/root
+for d in /sys/class/virtio-ports/*; do
+  [ "$(cat "$d/name" 2>/dev/null)" = org.keel.shell ] || continue
+  dev=/dev/${d##*/}
+  echo "keel: debug shell on $dev (virtio port org.keel.shell)" >/dev/console
+  # a virtio port can be open only once: open it read-write once and share the descriptor
+  while :; do /usr/bin/sh -i <>"$dev" >&0 2>&0; sleep 0.5; done
+done
+exit 0
+"#;
+
+/// `/usr/lib/keel/console-shell`: a root shell on the serial console when autologin was asked for.
+pub const CONSOLE_SHELL: &str = r#"#!/bin/sh
+# Keel console autologin: a root shell on ttyS0 when the kernel command line has keel.autologin
+# or QEMU passes -fw_cfg name=opt/keel/autologin,string=1 (keelvm does). Otherwise exits 0:
+# production machines are reached over ssh with keys from cloud-config.
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin HOME=/root
+if grep -qw keel.autologin /proc/cmdline || [ -e /sys/firmware/qemu_fw_cfg/by_name/opt/keel/autologin ]; then
+  while :; do /usr/bin/getty -n -l /usr/lib/keel/autologin -L 115200 ttyS0 vt100; sleep 1; done
+fi
+exit 0
+"#;
+
+pub const AUTOLOGIN: &str = "#!/bin/sh\n# getty's login program for keel.autologin: a root login shell, no password.\ncd /root 2>/dev/null\nexec /usr/bin/sh -l\n";
+
+/// Stand-in for Keel's init when `init` was not built: mounts, starts the two helper scripts, prints the
+/// placeholder ready marker and handles busybox's poweroff/reboot signals.
+pub const PLACEHOLDER_INIT: &str = r#"#!/bin/sh
+# PLACEHOLDER for Keel's init, installed by mkimage because target/.../release/init was missing.
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin HOME=/root
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts
+mountpoint -q /run || mount -t tmpfs -o mode=755 tmpfs /run
+mount -t tmpfs tmpfs /tmp
+hostname -F /etc/hostname 2>/dev/null
+/usr/lib/keel/debug-shell &
+/usr/lib/keel/console-shell &
+down() { echo "keel: placeholder init: $1"; sync; umount -a -r 2>/dev/null; "$1" -f; }
+trap 'down poweroff' USR2; trap 'down halt' USR1; trap 'down reboot' TERM
+echo "keel-ready (placeholder init: Keel's init was not built)"
+while :; do wait; sleep 1; done
+"#;
+
+pub const DEBUG_SHELL_UNIT: &str = "[Unit]\n\
+Description=Root shell on the virtio-serial port org.keel.shell (tests, keelvm --shell)\n\n\
+[Service]\nExecStart=/usr/lib/keel/debug-shell\nRestart=no\n\n\
+[Install]\nWantedBy=multi-user.target\n";
+
+pub const CONSOLE_SHELL_UNIT: &str = "[Unit]\n\
+Description=Root shell on the serial console when keel.autologin is set\n\n\
+[Service]\nExecStart=/usr/lib/keel/console-shell\nRestart=no\n\n\
+[Install]\nWantedBy=multi-user.target\n";
+
+pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+pub const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
+pub const SHADOW: &str = "root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n";
+pub const HOSTNAME: &str = "keel\n";
+pub const FSTAB: &str = "# Keel mounts /usr (USR-A or USR-B, erofs, read-only) and / (ROOT, ext4) from the initramfs.\n";
+pub const PROFILE: &str = "export PATH=/usr/bin:/usr/sbin:/bin:/sbin\nexport PS1='\\h:\\w# '\n";
+
+pub const MULTI_USER_TARGET: &str = "[Unit]\n\
+Description=Keel's normal running state: every enabled unit\n";
+
+pub const DEFAULT_TARGET: &str = "[Unit]\n\
+Description=What init starts at boot\n\
+Wants=multi-user.target\nAfter=multi-user.target\n";
+
+/// `/usr/lib/keel/clusterd-start`: clusterd with flags from cloud-config's `keel.clusterd` section.
+pub const CLUSTERD_START: &str = r#"#!/bin/sh
+# Start clusterd with its flags taken from cloud-config's keel.clusterd section, which init writes to
+# /run/keel/config/clusterd.env as upper-cased keys: NAME=node1 -> --name node1,
+# INITIAL_CLUSTER=a=http://... -> --initial-cluster a=http://... Without it: a single member named after the host.
+set --
+env=/run/keel/config/clusterd.env
+if [ -r "$env" ]; then
+  while IFS= read -r line; do
+    case $line in ''|'#'*) continue;; esac
+    k=${line%%=*}; v=${line#*=}
+    v=$(printf '%s' "$v" | sed -e 's/^"//' -e 's/"$//')
+    set -- "$@" "--$(echo "$k" | tr 'A-Z_' 'a-z-')" "$v"
+  done < "$env"
+else
+  set -- --name "$(hostname)"
+fi
+ip link set lo up 2>/dev/null  # normally done by keel-loopback.service already
+exec /usr/bin/clusterd "$@"
+"#;
+
+pub const CLUSTERD_UNIT: &str = "[Unit]\n\
+Description=Keel cluster store (Raft-replicated KV, etcd v2 API) and fleet engine\n\
+Wants=keel-loopback.service\nAfter=keel-loopback.service\n\n\
+[Service]\nExecStart=/usr/lib/keel/clusterd-start\nRestart=always\nRestartSec=1\n\n\
+[Install]\nWantedBy=multi-user.target\n";
+
+pub const LOOPBACK_UNIT: &str = "[Unit]\n\
+Description=Bring up the loopback interface (127.0.0.1, ::1)\n\n\
+[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/ip link set lo up\n\n\
+[Install]\nWantedBy=multi-user.target\n";

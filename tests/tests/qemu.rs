@@ -1,0 +1,263 @@
+//! Keel's image booted under QEMU (TCG, -smp 1 -m 512), one VM at a time.
+//!
+//! The image is built by mkimage on first use (≈ 4 s); each test boots fresh overlays of it. Console logs
+//! stay in target/keel-tests/vms/<test>/. The whole file takes ≈ 2–3 minutes on the 2-core build machine.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use keel_image::gpt::{self, SlotBits};
+use keel_tests::image;
+use keel_tests::vm::{self, Vm, VmOptions};
+
+const BOOT: Duration = Duration::from_secs(90);
+const CMD: Duration = Duration::from_secs(30);
+const DOWN: Duration = Duration::from_secs(30);
+
+fn ready(vm: &mut Vm, how: &str) -> Duration {
+    let t = vm.wait_ready(BOOT).unwrap_or_else(|e| panic!("{how} boot never became ready: {e}"));
+    eprintln!("keel-tests: {} ({how}) ready {:.2} s after QEMU started", vm.name, t.as_secs_f64());
+    t
+}
+
+#[test]
+fn direct_boot_reaches_ready_with_usr_read_only() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let mut vm = Vm::start(&VmOptions::direct("direct-ready")).expect("start VM");
+    ready(&mut vm, "direct");
+
+    let mounts = vm.run("grep ' /usr ' /proc/mounts", CMD).expect("read mounts");
+    assert!(mounts.stdout.contains("erofs ro"), "/usr is not a read-only erofs: {mounts:?}");
+    let write = vm.run("touch /usr/keel-test-write", CMD).expect("try a write");
+    assert_ne!(write.code, 0, "writing to /usr succeeded: {write:?}");
+    assert!(write.stdout.contains("Read-only file system"), "unexpected error for a /usr write: {write:?}");
+
+    let env = vm.run("cat /run/keel/boot.env", CMD).expect("boot.env");
+    assert!(env.stdout.contains("KEEL_USR=USR-A"), "initramfs did not record slot A: {env:?}");
+    let units = vm.run("initctl list", CMD).expect("initctl list");
+    assert_eq!(units.code, 0, "initctl cannot talk to init: {units:?}");
+    assert!(units.stdout.contains("keel-debug-shell.service"), "image units missing from initctl list: {units:?}");
+    let code = vm.run("echo out; echo err >&2; exit 3", CMD).expect("exit code");
+    assert_eq!(code, vm::Output { stdout: "out\nerr\n".into(), code: 3 });
+    assert!(vm.shutdown(DOWN).expect("shutdown"), "QEMU did not exit after poweroff");
+}
+
+#[test]
+fn uefi_boot_reaches_ready_through_systemd_boot() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let mut vm = Vm::start(&VmOptions::uefi("uefi-ready")).expect("start VM");
+    ready(&mut vm, "UEFI");
+    let cmdline = vm.run("cat /proc/cmdline", CMD).expect("cmdline");
+    assert!(cmdline.stdout.contains("keel.usr=USR-A"), "UEFI did not boot the USR-A UKI: {cmdline:?}");
+    let efi = vm.run("test -d /sys/firmware/efi", CMD).expect("efi check");
+    assert_eq!(efi.code, 0, "no /sys/firmware/efi: not booted through UEFI");
+    vm.shutdown(DOWN).expect("shutdown");
+}
+
+#[test]
+fn a_file_on_root_persists_across_reboot() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let mut first = Vm::start(&VmOptions::direct("persist")).expect("start VM");
+    ready(&mut first, "first");
+    let stamp = format!("keel-{}", std::process::id());
+    let w = first
+        .run(&format!("mkdir -p /var/lib/keel-test && echo {stamp} > /var/lib/keel-test/stamp && sync"), CMD)
+        .expect("write stamp");
+    assert_eq!(w.code, 0, "cannot write on ROOT: {w:?}");
+    let disk = first.disk.clone();
+    first.shutdown(DOWN).expect("shutdown");
+
+    let mut second = Vm::start(&VmOptions { disk: Some(disk), ..VmOptions::direct("persist") }).expect("restart VM");
+    ready(&mut second, "second");
+    let r = second.run("cat /var/lib/keel-test/stamp", CMD).expect("read stamp");
+    assert_eq!(r.stdout.trim(), stamp, "ROOT lost the file written before the reboot: {r:?}");
+    second.shutdown(DOWN).expect("shutdown");
+}
+
+#[test]
+fn slot_b_with_tries_exhausted_falls_back_to_a_by_gpt_bits() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let disk = vm::raw_copy("gpt-fallback").expect("copy image");
+    // an updated slot B, one try left, not yet blessed, preferred over A
+    gpt::set_slot_bits(&disk.path, "USR-B", SlotBits { priority: 2, tries: 1, successful: false }).expect("set bits");
+    let opts = VmOptions { slot: None, disk: Some(disk.clone()), ..VmOptions::direct("gpt-fallback") };
+
+    let mut first = Vm::start(&opts).expect("start VM");
+    first.wait_for("USR: USR-B", BOOT).expect("first boot takes slot B (priority 2, one try)");
+    first.wait_for("USR-B: boot attempt counted, tries left 0", BOOT).expect("the try is counted");
+    ready(&mut first, "B, unblessed");
+    drop(first); // power cut: B never gets blessed
+
+    let t = gpt::Table::read(&disk.path).expect("read GPT");
+    let b = t.by_label("USR-B").expect("USR-B").slot();
+    assert_eq!(b, SlotBits { priority: 2, tries: 0, successful: false }, "tries not written back to the GPT");
+
+    let mut second = Vm::start(&opts).expect("restart VM");
+    second.wait_for("USR: USR-A (/dev/vda2, chosen by GPT priority)", BOOT).expect("second boot falls back to A");
+    ready(&mut second, "fallback to A");
+}
+
+fn esp_rename(disk: &Path, from: &str, to: &str) {
+    let img = format!("{}@@1048576", disk.display());
+    let out = Command::new("mmove")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &img, &format!("::/EFI/Linux/{from}"), &format!("::/EFI/Linux/{to}")])
+        .output()
+        .expect("run mmove (Debian package mtools)");
+    assert!(out.status.success(), "mmove {from} {to}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn esp_list(disk: &Path) -> String {
+    let img = format!("{}@@1048576", disk.display());
+    let out = Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-b", "-i", &img, "::/EFI/Linux"])
+        .output()
+        .expect("run mdir (Debian package mtools)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn uefi_boot_counting_falls_back_to_a_when_b_is_never_blessed() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let m = image::image().expect("image");
+    let disk = vm::raw_copy("uefi-fallback").expect("copy image");
+    // slot B as the updater leaves it: one try, newest entry; GPT bits mirror it
+    esp_rename(&disk.path, &format!("keel-{}-usr-b+0-0.efi", m.version), &format!("keel-{}-usr-b+1-0.efi", m.version));
+    gpt::set_slot_bits(&disk.path, "USR-B", SlotBits { priority: 2, tries: 1, successful: false }).expect("set bits");
+    let opts = VmOptions { disk: Some(disk.clone()), ..VmOptions::uefi("uefi-fallback") };
+
+    let mut first = Vm::start(&opts).expect("start VM");
+    first.wait_for("USR: USR-B", BOOT).expect("systemd-boot picks B while it has a try left");
+    ready(&mut first, "UEFI B");
+    let vars = first.vars.clone();
+    drop(first);
+    let listing = esp_list(&disk.path);
+    assert!(listing.contains("usr-b+0-1.efi"), "systemd-boot did not count the try: {listing}");
+
+    let mut second = Vm::start(&VmOptions { vars, ..opts }).expect("restart VM");
+    second.wait_for("USR: USR-A", BOOT).expect("systemd-boot falls back to A");
+    ready(&mut second, "UEFI fallback to A");
+}
+
+fn user_data(name: &str, text: &str) -> std::path::PathBuf {
+    let p = image::work_dir(&format!("vms/{name}")).join("user-data.yml");
+    std::fs::write(&p, text).expect("write user-data");
+    p
+}
+
+#[test]
+fn cloud_config_from_fw_cfg_sets_hostname_and_starts_a_unit() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let ud = user_data(
+        "cloud-config",
+        "#cloud-config\nhostname: keel-test-1\nkeel:\n  units:\n    - name: hello.service\n      content: |\n        \
+         [Service]\n        ExecStart=/usr/bin/sh -c 'echo hello-from-cloud-config > /run/hello; exec sleep 100000'\n      \
+         command: start\n",
+    );
+    let mut vm = Vm::start(&VmOptions { user_data: Some(ud), ..VmOptions::direct("cloud-config") }).expect("start VM");
+    ready(&mut vm, "cloud-config");
+    let h = vm.run("hostname", CMD).expect("hostname");
+    assert_eq!(h.stdout.trim(), "keel-test-1", "cloud-config hostname not applied: {h:?}");
+    let mut last = None;
+    for _ in 0..50 {
+        let r = vm.run("cat /run/hello", CMD).expect("read /run/hello");
+        if r.code == 0 {
+            last = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = last.expect("hello.service from cloud-config never wrote /run/hello");
+    assert_eq!(r.stdout.trim(), "hello-from-cloud-config");
+    vm.shutdown(DOWN).expect("shutdown");
+}
+
+#[test]
+fn malformed_cloud_config_is_reported_and_the_machine_still_boots() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let ud = user_data("bad-cloud-config", "#cloud-config\nhostname: [unclosed\nwrite_files: 3\n");
+    let mut vm =
+        Vm::start(&VmOptions { user_data: Some(ud), ..VmOptions::direct("bad-cloud-config") }).expect("start VM");
+    vm.wait_for("user-data:", BOOT).expect("the console names the bad user-data with line and column");
+    ready(&mut vm, "malformed cloud-config");
+    let c = vm.console();
+    assert!(
+        c.lines().any(|l| l.contains("user-data:2:") || l.contains("user-data:3:")),
+        "no line:column in the report:\n{c}"
+    );
+    vm.shutdown(DOWN).expect("shutdown");
+}
+
+#[test]
+fn a_corrupt_usr_slot_is_named_on_the_console_with_a_way_out() {
+    use std::io::{Seek, SeekFrom, Write};
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let disk = vm::raw_copy("corrupt-usr").expect("copy image");
+    let t = gpt::Table::read(&disk.path).expect("read GPT");
+    let a = t.by_label("USR-A").expect("USR-A");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&disk.path).expect("open copy");
+    f.seek(SeekFrom::Start(a.first_lba * gpt::SECTOR)).expect("seek");
+    f.write_all(&vec![0u8; 64 * 1024]).expect("zero the erofs superblock");
+    drop(f);
+    let mut vm = Vm::start(&VmOptions { disk: Some(disk), ..VmOptions::direct("corrupt-usr") }).expect("start VM");
+    vm.wait_for("USR-A (/dev/vda2) cannot be mounted as erofs", BOOT).expect("the failure names the slot");
+    vm.wait_for("keel.usr=USR-B", BOOT).expect("the message says how to boot the other slot");
+    vm.wait_for("rescue shell", BOOT).expect("a rescue shell is offered");
+}
+
+#[test]
+fn clusterd_from_the_image_serves_the_kv_api_when_cloud_config_starts_it() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let m = image::image().expect("image");
+    let ud = image::workspace().join("image/examples/single-node.yml");
+    let mut vm = Vm::start(&VmOptions { user_data: Some(ud), ..VmOptions::direct("single-node") }).expect("start VM");
+    ready(&mut vm, "single-node");
+    let has = vm.run("test -x /usr/bin/clusterd", CMD).expect("clusterd present");
+    if has.code != 0 {
+        eprintln!("keel-tests: clusterd not built into {}; nothing to check", m.image.display());
+        return;
+    }
+    let mut answer = None;
+    let mut last = None;
+    for _ in 0..60 {
+        let r = vm.run("wget -q -O - http://127.0.0.1:2379/health 2>&1", CMD).expect("probe clusterd");
+        if r.code == 0 {
+            answer = Some(r);
+            break;
+        }
+        last = Some(r);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let status = vm.run("initctl status clusterd.service; ip -o addr show lo", CMD).map(|o| o.stdout).unwrap_or_default();
+    assert!(answer.is_some(), "clusterd never answered on 127.0.0.1:2379 ({last:?}); initctl status:\n{status}");
+    vm.shutdown(DOWN).expect("shutdown");
+}
