@@ -1,7 +1,9 @@
 # Keel — top-level build. `make run` boots Keel, `make test` runs every test. Both install what they need.
 #
-# Debian packages a component needs are listed one per line in <component>/debian-packages.txt,
-# Python packages in <component>/pip-packages.txt; `make deps` installs them all (idempotent, quick when present).
+# Debian packages a component needs are listed one per line in <component>/debian-packages.txt, Python packages
+# in <component>/pip-packages.txt; `make deps` installs them (idempotent; quick when everything is present).
+# QEMU comes from bookworm-backports: the build machines ship qemu-utils 10 from there, which conflicts with
+# bookworm's own qemu-system-x86 7.2.
 
 SHELL        := /bin/bash
 CARGO        ?= cargo
@@ -10,17 +12,24 @@ RELEASE_DIR  := target/$(TARGET)/release
 DEB_PKGS     := $(sort $(shell cat */debian-packages.txt 2>/dev/null | sed 's/\#.*//'))
 PIP_PKGS     := $(sort $(shell cat */pip-packages.txt 2>/dev/null | sed 's/\#.*//'))
 STAMP        := target/.deps-stamp
+BACKPORTS    := /etc/apt/sources.list.d/keel-backports.sources
+APT_INSTALL  := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all build deps test test-unit test-host run run-host bench clean fmt lint
+.PHONY: all build deps test test-fast image run run-uefi run-host bench bench-image lint clean
 
 all: build
 
 $(STAMP): $(wildcard */debian-packages.txt) $(wildcard */pip-packages.txt)
 	@mkdir -p target
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
-	@if [ -n "$(PIP_PKGS)" ]; then python3 -m pip install -q --disable-pip-version-check $(PIP_PKGS); fi
+	if [ -n "$$missing" ]; then echo "make deps: installing Debian packages:$$missing"; \
+	  apt-get update -qq && $(APT_INSTALL) $$missing; fi
+	@if ! command -v qemu-system-x86_64 >/dev/null; then \
+	  echo "make deps: installing qemu-system-x86 from bookworm-backports"; \
+	  [ -e $(BACKPORTS) ] || grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ || \
+	    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > $(BACKPORTS); \
+	  apt-get update -qq && $(APT_INSTALL) -t bookworm-backports qemu-system-x86; fi
+	@if [ -n "$(PIP_PKGS)" ]; then python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore $(PIP_PKGS); fi
 	@touch $@
 
 deps: $(STAMP)
@@ -28,15 +37,35 @@ deps: $(STAMP)
 build: deps
 	$(CARGO) build --release --workspace --bins
 
-test: deps
-	$(CARGO) build --release --workspace --bins
-	$(CARGO) test --release --workspace -- --test-threads=2
+# Every test: unit tests, host integration tests (real processes in namespaces and cgroups, real clusters on
+# loopback, real clients), and the QEMU tests (the tests build the image themselves). QEMU must be present.
+test: build
+	KEEL_REQUIRE_QEMU=1 $(CARGO) test --release --workspace -- --test-threads=2
 
-run: build
+# Everything but the QEMU tests.
+test-fast: build
+	$(CARGO) test --release --workspace --exclude keel-tests -- --test-threads=2
+
+image: build
+	$(RELEASE_DIR)/mkimage --out out
+
+# Boot the image in QEMU (direct kernel boot) as a single-node machine; the console is this terminal, logged in
+# as root (try `initctl list`, `clusterctl status`). Ctrl-A X quits. `make run-uefi` takes the firmware path.
+run: image
+	$(RELEASE_DIR)/keelvm run --out out --fresh --user-data image/examples/single-node.yml
+
+run-uefi: image
+	$(RELEASE_DIR)/keelvm run --out out --fresh --uefi --user-data image/examples/single-node.yml
+
+# Keel's init as PID 1 of a PID namespace on this host, with the demo units (no VM).
+run-host: build
 	./scripts/run-host.sh
 
 bench: build
 	./scripts/bench.sh
+
+bench-image: build
+	$(CARGO) test --release -p keel-tests --test bench_boot -- --ignored --nocapture
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
