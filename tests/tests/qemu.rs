@@ -261,3 +261,24 @@ fn clusterd_from_the_image_serves_the_kv_api_when_cloud_config_starts_it() {
     assert!(answer.is_some(), "clusterd never answered on 127.0.0.1:2379 ({last:?}); initctl status:\n{status}");
     vm.shutdown(DOWN).expect("shutdown");
 }
+
+#[test]
+fn root_grows_to_fill_a_larger_disk_on_first_boot() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let disk = vm::raw_copy("grow").expect("copy the image");
+    let before = std::fs::metadata(&disk.path).expect("disk").len();
+    std::fs::OpenOptions::new().write(true).open(&disk.path).expect("open disk").set_len(before + (512 << 20)).expect("grow disk file");
+    let mut v = Vm::start(&VmOptions { disk: Some(disk.clone()), ..VmOptions::direct("grow") }).expect("start VM");
+    ready(&mut v, "grown disk");
+    let df = v.run("df -k / | tail -n 1", CMD).expect("df");
+    let total_kib: u64 = df.stdout.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    assert!(total_kib > 600 * 1024, "ROOT (256 MiB in the image) did not grow into the extra 512 MiB: {df:?}\n{}", v.console());
+    assert!(v.console().contains("ROOT extended"), "the grow is reported on the console");
+    v.shutdown(DOWN).expect("shutdown");
+    let check = Command::new("sgdisk").arg("-v").arg(&disk.path).output().expect("sgdisk -v");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(text.contains("No problems found"), "both GPT copies valid after the grow:\n{text}");
+}

@@ -15,6 +15,7 @@
 
 pub mod cmdline;
 pub mod gpt;
+mod grow;
 pub mod modload;
 
 use std::convert::Infallible;
@@ -267,6 +268,11 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
             };
             match (partition_dev(&disk, usr.number), partition_dev(&disk, root.number)) {
                 (Some(usr_dev), Some(root_dev)) => {
+                    match grow::grow_gpt(&dev, sector, sectors, root.number) {
+                        Ok(Some(g)) => log(&format!("disk grew: ROOT extended to {} MiB", g.len_bytes >> 20)),
+                        Ok(None) => {}
+                        Err(e) => log(&format!("cannot grow ROOT to the end of /dev/{disk}: {e} (booting as is)")),
+                    }
                     return Ok(Found { disk: disk.clone(), usr, usr_dev, root_dev, source });
                 }
                 _ => last_problem = format!("/dev/{disk}: partition device nodes not there yet"),
@@ -312,6 +318,11 @@ fn boot_once(cmd: &Cmdline, kernel: &str) -> Result<Infallible, Fatal> {
              ROOT: all local state is lost, /usr is untouched",
         )
     })?;
+    match grow::grow_ext4_to_partition(&f.root_dev, Path::new("/sysroot")) {
+        Ok(Some(bytes)) => log(&format!("ROOT file system grown to {} MiB", bytes >> 20)),
+        Ok(None) => {}
+        Err(e) => log(&format!("cannot grow the ROOT file system: {e} (booting with its current size)")),
+    }
     let _ = std::fs::create_dir_all("/sysroot/usr");
     mount(&f.usr_dev, "/sysroot/usr", "erofs", MountFlags::RDONLY, "").map_err(|e| {
         fatal(
