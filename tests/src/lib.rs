@@ -3,7 +3,9 @@
 //! - `vm`: start a Keel VM from the built image (own qcow2 overlay, own OVMF vars), read its serial console
 //!   into a log, wait for markers with deadlines, run commands over the debug-shell port, shut down; QEMU is
 //!   always killed on drop and the console log is kept under target/keel-tests/.
+//! - `net`: a test-made network namespace with a bridge and one tap per VM.
 //! - `image`: build the image under test with mkimage (once per test process).
 
 pub mod image;
+pub mod net;
 pub mod vm;

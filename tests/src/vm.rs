@@ -72,6 +72,8 @@ pub struct VmOptions {
     pub memory_mib: u32,
     /// Direct boot of something else entirely (kernel, initrd, full command line): benchmark baselines.
     pub foreign: Option<(PathBuf, PathBuf, String)>,
+    /// A NIC: (network namespace, tap ifname, MAC); QEMU then runs inside that namespace (see `net`).
+    pub tap: Option<(String, String, String)>,
 }
 
 impl VmOptions {
@@ -86,6 +88,7 @@ impl VmOptions {
             vars: None,
             memory_mib: 512,
             foreign: None,
+            tap: None,
         }
     }
     pub fn uefi(name: &str) -> VmOptions {
@@ -177,6 +180,9 @@ impl Vm {
         spec.memory_mib = opts.memory_mib;
         spec.console = Console::Stdout;
         spec.shell_socket = Some(shell_socket.clone());
+        if let Some((_, ifname, mac)) = &opts.tap {
+            spec.net = qemu::Net::Tap { ifname: ifname.clone(), mac: mac.clone() };
+        }
         if let Some(ud) = &opts.user_data {
             spec.fw_cfg_files.push((qemu::USER_DATA_FW_CFG.into(), ud.clone()));
         }
@@ -185,7 +191,15 @@ impl Vm {
         let mut logf = std::fs::File::create(&console_log).map_err(io(format!("creating {}", console_log.display())))?;
         let _ = writeln!(logf, "# {} {}", qemu_bin.display(), spec.args().join(" "));
         let started = Instant::now();
-        let mut child = Command::new(&qemu_bin)
+        let mut cmd = match &opts.tap {
+            Some((ns, _, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&qemu_bin);
+                c
+            }
+            None => Command::new(&qemu_bin),
+        };
+        let mut child = cmd
             .args(spec.args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

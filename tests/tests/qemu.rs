@@ -282,3 +282,36 @@ fn root_grows_to_fill_a_larger_disk_on_first_boot() {
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(text.contains("No problems found"), "both GPT copies valid after the grow:\n{text}");
 }
+
+#[test]
+fn two_vms_on_a_test_bridge_reach_each_other_with_cloud_config_addresses() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let mut net = keel_tests::net::TestNet::new().expect("test network namespace");
+    let mut vms = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 1..=2 {
+        let (tap, mac, addr) = net.add_vm().expect("tap");
+        let ud = user_data(
+            &format!("net{i}"),
+            &format!("#cloud-config\nhostname: net{i}\nkeel:\n  network:\n    - interface: eth0\n      address: {addr}/24\n      gateway: {}\n", keel_tests::net::BRIDGE_ADDR),
+        );
+        let opts = VmOptions { user_data: Some(ud), tap: Some((net.ns.clone(), tap, mac)), ..VmOptions::direct(&format!("net{i}")) };
+        vms.push(Vm::start(&opts).expect("start VM"));
+        addrs.push(addr);
+    }
+    for (i, v) in vms.iter_mut().enumerate() {
+        ready(v, &format!("net{}", i + 1));
+    }
+    let ping = vms[0].run(&format!("ping -c 1 -W 5 {}", addrs[1]), CMD).expect("ping from VM 1");
+    assert_eq!(ping.code, 0, "VM 1 cannot reach VM 2 on the bridge: {ping:?}\n{}", vms[1].console());
+    let from_ns = net.exec("busybox").args(["ping", "-c", "1", "-W", "5", &addrs[0]]).output().expect("ping from the namespace");
+    assert!(from_ns.status.success(), "the bridge cannot reach VM 1: {}", String::from_utf8_lossy(&from_ns.stdout));
+    let st = vms[1].run("initctl status keel-network.service", CMD).expect("status");
+    assert!(st.stdout.contains("active"), "{st:?}");
+    for v in vms {
+        v.shutdown(DOWN).expect("shutdown");
+    }
+}

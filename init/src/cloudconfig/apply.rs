@@ -50,8 +50,38 @@ pub fn apply(cfg: &CloudConfig, root: &Path) -> Report {
             r.errors.push(format!("unit {}: {e}", u.name));
         }
     }
+    write_network_unit(&mut r, root, cfg);
     write_component_config(&mut r, root, cfg);
     r
+}
+
+/// `keel.network` becomes a oneshot unit, `keel-network.service`, wanted by default.target and ordered before
+/// everything that needs an address (clusterd orders itself after it).
+fn write_network_unit(r: &mut Report, root: &Path, cfg: &CloudConfig) {
+    if cfg.keel.network.is_empty() {
+        return;
+    }
+    let mut unit = String::from(
+        "[Unit]\nDescription=Static network from cloud-config\nBefore=clusterd.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\n",
+    );
+    for n in &cfg.keel.network {
+        unit.push_str(&format!("ExecStart=/usr/bin/ip link set dev {} up\n", n.interface));
+        unit.push_str(&format!("ExecStart=-/usr/bin/ip addr add {} dev {}\n", n.address, n.interface));
+        if let Some(g) = &n.gateway {
+            unit.push_str(&format!("ExecStart=-/usr/bin/ip route add default via {g} dev {}\n", n.interface));
+        }
+    }
+    unit.push_str("\n[Install]\nWantedBy=default.target\n");
+    let dir = unit_dir(root, true);
+    write_if_changed(r, &dir.join("keel-network.service"), unit.as_bytes(), 0o644);
+    let wants = dir.join("default.target.wants");
+    let link = wants.join("keel-network.service");
+    if std::fs::symlink_metadata(&link).is_err() {
+        let res = fs::create_dir_all(&wants).and_then(|_| std::os::unix::fs::symlink("../keel-network.service", &link));
+        if let Err(e) = res {
+            r.errors.push(format!("{}: {e}", link.display()));
+        }
+    }
 }
 
 fn write_if_changed(r: &mut Report, path: &Path, content: &[u8], mode: u32) -> bool {
@@ -328,7 +358,7 @@ mod tests {
     use super::super::{parse, Vars};
     use super::*;
 
-    const CFG: &str = "#cloud-config\nhostname: node1\nusers:\n  - name: ops\n    ssh_authorized_keys: [ssh-ed25519 AAAA ops]\nwrite_files:\n  - path: /etc/motd\n    content: hello\n  - path: /etc/b64\n    encoding: b64\n    content: aGk=\nkeel:\n  clusterd:\n    name: node1\n  units:\n    - name: web.service\n      enable: true\n      command: start\n      content: |\n        [Service]\n        ExecStart=/bin/sleep 1\n        [Install]\n        WantedBy=default.target\n      drop_ins:\n        - name: 10-env.conf\n          content: \"[Service]\\nEnvironment=A=1\\n\"\n";
+    const CFG: &str = "#cloud-config\nhostname: node1\nusers:\n  - name: ops\n    ssh_authorized_keys: [ssh-ed25519 AAAA ops]\nwrite_files:\n  - path: /etc/motd\n    content: hello\n  - path: /etc/b64\n    encoding: b64\n    content: aGk=\nkeel:\n  network:\n    - address: 10.77.0.11/24\n      gateway: 10.77.0.1\n  clusterd:\n    name: node1\n  units:\n    - name: web.service\n      enable: true\n      command: start\n      content: |\n        [Service]\n        ExecStart=/bin/sleep 1\n        [Install]\n        WantedBy=default.target\n      drop_ins:\n        - name: 10-env.conf\n          content: \"[Service]\\nEnvironment=A=1\\n\"\n";
 
     #[test]
     fn applying_twice_changes_nothing_the_second_time() {
@@ -349,6 +379,8 @@ mod tests {
         assert!(root.path().join("run/keel/units/default.target.wants/web.service").exists());
         assert!(r("run/keel/units/web.service.d/10-env.conf").contains("A=1"));
         assert_eq!(r("run/keel/config/clusterd.env"), "NAME=node1\n");
+        assert!(r("run/keel/units/keel-network.service").contains("ip addr add 10.77.0.11/24 dev eth0"));
+        assert!(root.path().join("run/keel/units/default.target.wants/keel-network.service").exists());
         let second = apply(&cfg, root.path());
         assert!(second.changed.is_empty(), "idempotent: {:?}", second.changed);
         assert_eq!(r("etc/passwd").lines().filter(|l| l.starts_with("ops:")).count(), 1);

@@ -72,6 +72,25 @@ pub struct KeelSection {
     pub update: Option<BTreeMap<String, serde_yaml::Value>>,
     #[serde(default)]
     pub locksmith: Option<BTreeMap<String, serde_yaml::Value>>,
+    /// Static addresses (the platform has no DHCP server, e.g. VMs on a test bridge).
+    #[serde(default)]
+    pub network: Vec<NetInterface>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetInterface {
+    /// Kernel interface name (`eth0`, the first virtio NIC without udev renaming).
+    #[serde(default = "eth0")]
+    pub interface: String,
+    /// `10.0.0.2/24`
+    pub address: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+fn eth0() -> String {
+    "eth0".into()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -133,7 +152,13 @@ pub fn boot(log: &mut dyn FnMut(&str)) -> Vec<(String, String)> {
         return Vec::new();
     };
     log(&format!("applying cloud-config from {}", found.origin));
-    let vars = source::variables(found.meta_data.as_deref());
+    let mut vars = source::variables(found.meta_data.as_deref());
+    // A static address from `keel.network` is this machine's $private_ipv4 when no interface has one yet.
+    if let Some(n) = parse(&found.user_data, &vars).0.keel.network.first() {
+        let ip = n.address.split('/').next().unwrap_or_default().to_string();
+        vars.entry("private_ipv4".into()).or_insert_with(|| ip.clone());
+        vars.entry("public_ipv4".into()).or_insert(ip);
+    }
     let (cfg, problems) = parse(&found.user_data, &vars);
     for p in &problems {
         log(&p.to_string());
@@ -231,6 +256,21 @@ fn validate(cfg: &CloudConfig, text: &str, problems: &mut Vec<Problem>) {
             if !["start", "stop", "restart", "reload-or-restart", "try-restart"].contains(&c.as_str()) {
                 problems.push(Problem { line, column: 1, message: format!("unit {}: command {c:?} is not start, stop or restart", u.name), fatal: true });
             }
+        }
+    }
+    for n in &cfg.keel.network {
+        let line = line_of_value(text, &n.address);
+        let valid = n.address.split_once('/').is_some_and(|(ip, len)| {
+            ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
+        });
+        if !valid {
+            problems.push(Problem { line, column: 1, message: format!("network: address {:?} is not IPv4/prefix (e.g. 10.0.0.2/24)", n.address), fatal: true });
+        }
+        if n.gateway.as_deref().is_some_and(|g| g.parse::<std::net::Ipv4Addr>().is_err()) {
+            problems.push(Problem { line, column: 1, message: format!("network: gateway {:?} is not an IPv4 address", n.gateway), fatal: true });
+        }
+        if !n.interface.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+            problems.push(Problem { line, column: 1, message: format!("network: bad interface name {:?}", n.interface), fatal: true });
         }
     }
     for f in &cfg.write_files {

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Benchmark: 3-member clusterd vs 3-member etcd 3.4 (--enable-v2) on loopback, same disk, same run.
+# wrk PUT of 256-byte values with 1 and 64 connections, plus linearizable GET; results to docs/benchmarks.md.
+# Usage: clusterd/bench/clusterd-bench.sh [seconds-per-run]   (needs wrk, etcd, curl; `make deps`)
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+DUR="${1:-10}"
+BIN="${CLUSTERD_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release/clusterd}"
+OUT="${BENCH_OUT:-$ROOT/docs/benchmarks.md}"
+WORK="$(mktemp -d /var/tmp/clusterd-bench.XXXXXX)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+for t in wrk etcd curl; do command -v $t >/dev/null || { echo "missing $t (make deps)"; exit 1; }; done
+[ -x "$BIN" ] || { echo "build clusterd first: cargo build --release -p keel-clusterd"; exit 1; }
+
+wait_http() {
+  for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timeout waiting for $1"; tail -n 5 "$WORK"/*.log; return 1
+}
+
+start_clusterd() {
+  local ic="a=http://127.0.0.1:32380,b=http://127.0.0.1:32382,c=http://127.0.0.1:32384"
+  local i=0
+  for n in a b c; do
+    "$BIN" --name $n --data-dir "$WORK/clusterd-$n" --listen-client-urls http://127.0.0.1:$((32379+2*i)) \
+      --listen-peer-urls http://127.0.0.1:$((32380+2*i)) --initial-cluster "$ic" --cluster-token bench \
+      >"$WORK/clusterd-$n.log" 2>&1 &
+    PIDS+=($!); i=$((i+1))
+  done
+  for p in 32379 32381 32383; do wait_http "http://127.0.0.1:$p/health"; done
+}
+clusterd_leader() {
+  for p in 32379 32381 32383; do
+    if curl -s "http://127.0.0.1:$p/keel/status" | grep -q '"isLeader":true'; then echo "http://127.0.0.1:$p"; return; fi
+  done
+}
+start_etcd() {
+  local ic="a=http://127.0.0.1:42380,b=http://127.0.0.1:42382,c=http://127.0.0.1:42384"
+  local i=0
+  for n in a b c; do
+    etcd --name $n --data-dir "$WORK/etcd-$n" --enable-v2=true \
+      --listen-client-urls http://127.0.0.1:$((42379+2*i)) --advertise-client-urls http://127.0.0.1:$((42379+2*i)) \
+      --listen-peer-urls http://127.0.0.1:$((42380+2*i)) --initial-advertise-peer-urls http://127.0.0.1:$((42380+2*i)) \
+      --initial-cluster "$ic" --initial-cluster-token bench --initial-cluster-state new \
+      >"$WORK/etcd-$n.log" 2>&1 &
+    PIDS+=($!); i=$((i+1))
+  done
+  for p in 42379 42381 42383; do wait_http "http://127.0.0.1:$p/health"; done
+  sleep 1
+}
+etcd_leader() {
+  for p in 42379 42381 42383; do
+    if curl -s "http://127.0.0.1:$p/v2/stats/self" | grep -q StateLeader; then echo "http://127.0.0.1:$p"; return; fi
+  done
+}
+
+# run_wrk NAME URL CONNS SCRIPT -> "rps p50 p99"
+run_wrk() {
+  local url=$2 c=$3 script=$4 threads=$(( $3 < 2 ? 1 : 2 ))
+  local out; out="$(wrk -t$threads -c"$c" -d"${DUR}s" --latency -s "$script" "$url" 2>&1)"
+  echo "$out" > "$WORK/wrk-$1-$c-$(basename "$script").txt"
+  local rps p50 p99 errs
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  errs=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  echo "$rps $p50 $p99 ${errs:-0}"
+}
+
+declare -A R
+start_clusterd; L=$(clusterd_leader); echo "clusterd leader: $L"
+curl -s -X PUT "$L/v2/keys/bench/k1" -d value=x >/dev/null
+for c in 1 64; do R[clusterd-put-$c]="$(run_wrk clusterd "$L" $c "$HERE/put256.lua")"; echo "clusterd PUT c=$c: ${R[clusterd-put-$c]}"; done
+R[clusterd-get-64]="$(run_wrk clusterd "$L" 64 "$HERE/get.lua")"; echo "clusterd GET c=64: ${R[clusterd-get-64]}"
+for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=()
+
+start_etcd; L=$(etcd_leader); echo "etcd leader: $L"
+curl -s -X PUT "$L/v2/keys/bench/k1" -d value=x >/dev/null
+for c in 1 64; do R[etcd-put-$c]="$(run_wrk etcd "$L" $c "$HERE/put256.lua")"; echo "etcd PUT c=$c: ${R[etcd-put-$c]}"; done
+# etcd v2 GET is a local read unless quorum=true: ask for the linearizable one.
+cat > "$WORK/getq.lua" <<'LUA'
+request = function() return wrk.format("GET", "/v2/keys/bench/k1?quorum=true", nil, nil) end
+LUA
+R[etcd-get-64]="$(run_wrk etcd "$L" 64 "$WORK/getq.lua")"; echo "etcd GET(quorum) c=64: ${R[etcd-get-64]}"
+
+row() { set -- $2; echo "| $1 | $2 | $3 | $4 |"; }
+ratio() { awk -v a="$(echo "${R[$1]}" | cut -d' ' -f1)" -v b="$(echo "${R[$2]}" | cut -d' ' -f1)" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else print "n/a" }'; }
+SECTION="$(cat <<MD
+## clusterd
+
+Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, loopback, both clusters' data on the same disk, one after the
+other in the same run (\`clusterd/bench/clusterd-bench.sh $DUR\`). 3 members each; \`wrk\` against the leader;
+v2 \`PUT\` of 256-byte values over 1000 keys; GET is linearizable (clusterd's default, etcd's \`quorum=true\`).
+Both fsync before acknowledging (clusterd: redb \`Durability::Immediate\`, one transaction per batch).
+
+| run | req/s | p50 | p99 | non-2xx |
+|---|---|---|---|---|
+$(echo "| clusterd PUT, 1 conn | ${R[clusterd-put-1]// / | } |")
+$(echo "| etcd PUT, 1 conn | ${R[etcd-put-1]// / | } |")
+$(echo "| clusterd PUT, 64 conns | ${R[clusterd-put-64]// / | } |")
+$(echo "| etcd PUT, 64 conns | ${R[etcd-put-64]// / | } |")
+$(echo "| clusterd GET, 64 conns | ${R[clusterd-get-64]// / | } |")
+$(echo "| etcd GET quorum, 64 conns | ${R[etcd-get-64]// / | } |")
+
+clusterd / etcd throughput: PUT 1 conn $(ratio clusterd-put-1 etcd-put-1), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64),
+GET 64 conns $(ratio clusterd-get-64 etcd-get-64). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
+
+Why clusterd is where it is. openraft 0.9 flushes the leader's log synchronously inside its core (\`append_to_log\`
+awaits the flush callback) and only then replicates, so one write costs leader fsync → follower fsync in series,
+where etcd overlaps its leader WAL write with replication; with one connection that is the whole latency and the
+1-connection target is out of reach without changing the Raft library (0.10's pipelined log IO) or the log format.
+With many connections clusterd groups every proposal queued while earlier batches commit into one log entry (one
+redb transaction, one fsync, up to 512 writes, 3 batches in flight) — group commit above openraft — which is what
+brings 64-connection throughput to etcd's level. The committed index is persisted without its own fsync (it is a
+hint openraft re-learns from the leader). On this 2-core machine three members plus wrk share the CPUs, so numbers
+move by ±30 % between runs when other work is running; compare the two systems within one run only.
+MD
+)"
+mkdir -p "$(dirname "$OUT")"
+touch "$OUT"
+# Replace our section (from "## clusterd" to the next "## ") and keep the rest of the file.
+python3 - "$OUT" "$SECTION" <<'PY'
+import sys, re
+path, section = sys.argv[1], sys.argv[2]
+text = open(path).read()
+pat = re.compile(r"^## clusterd\n.*?(?=^## |\Z)", re.S | re.M)
+if pat.search(text):
+    text = pat.sub(section.rstrip() + "\n\n", text)
+else:
+    if text and not text.endswith("\n"): text += "\n"
+    if not text.strip(): text = "# Benchmarks\n\n"
+    text += "\n" + section.rstrip() + "\n"
+open(path, "w").write(text)
+PY
+echo "wrote section 'clusterd' of $OUT"

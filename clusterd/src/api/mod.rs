@@ -1,0 +1,403 @@
+//! The client API on `:2379`: etcd's v2 keys API plus `/v2/members`, `/v2/stats/self`, `/health`, `/version`,
+//! `/metrics` and Keel's `/keel/status`.
+//!
+//! Owns: routing, etcd's headers (`X-Etcd-Cluster-Id`, `X-Etcd-Index`, `X-Raft-Index`, `X-Raft-Term`), status
+//! codes, error JSON, long-poll watches, forwarding of writes and linearizable reads from a follower to the
+//! leader, and the body size limit. Request parsing lives in [`params`]; [`local_keys`] is the pure
+//! request→response path the unit tests replay etcd's recorded pairs against.
+//! Does not: apply writes itself — every write is a Raft proposal (see `server::Ctx::propose`).
+
+pub mod params;
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use crate::kv::error::code;
+use crate::kv::{EtcdError, Store};
+use crate::server::{Ctx, ProposeError};
+use params::KeysRequest;
+
+/// Response body type of every handler.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A rendered reply of the pure keys path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body (empty while a watch would still be waiting).
+    pub body: String,
+    /// `X-Etcd-Index`.
+    pub etcd_index: u64,
+}
+
+/// Apply one keys request directly to a store (no Raft): the reference path for the unit tests.
+/// Watches answer from the history, or with an empty body when they would wait.
+pub fn local_keys(store: &mut Store, method: &str, key_path: &str, query: &str, form: Option<&[u8]>, now: i64) -> LocalReply {
+    let err = |e: EtcdError| LocalReply { status: e.status(), body: e.to_json(), etcd_index: e.index };
+    match params::parse(method, key_path, query, form) {
+        Err(e) => err(e),
+        Ok(KeysRequest::Write(op)) => match store.apply(&op, now) {
+            Ok(w) => LocalReply { status: if w.created { 201 } else { 200 }, body: w.event.to_json(), etcd_index: w.etcd_index },
+            Err(e) => err(e),
+        },
+        Ok(KeysRequest::Get { key, recursive, sorted, .. }) => match store.get(&key, recursive, sorted, now) {
+            Ok(ev) => LocalReply { status: 200, body: ev.to_json(), etcd_index: store.index() },
+            Err(e) => err(e),
+        },
+        Ok(KeysRequest::Watch { key, recursive, wait_index }) => {
+            let since = wait_index.unwrap_or(store.index() + 1);
+            match store.scan_history(&key, recursive, since) {
+                Ok(Some(ev)) => LocalReply { status: 200, body: ev.to_json(), etcd_index: store.index() },
+                Ok(None) => LocalReply { status: 200, body: String::new(), etcd_index: store.index() },
+                Err(e) => err(e),
+            }
+        }
+    }
+}
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).boxed()
+}
+
+struct Reply {
+    status: u16,
+    body: Body,
+    etcd_index: Option<u64>,
+    raft_headers: bool,
+    content_type: &'static str,
+}
+
+impl Reply {
+    fn json(status: u16, body: String) -> Reply {
+        Reply { status, body: full(body), etcd_index: None, raft_headers: false, content_type: "application/json" }
+    }
+    fn error(e: &EtcdError) -> Reply {
+        Reply { etcd_index: Some(e.index), ..Reply::json(e.status(), e.to_json()) }
+    }
+    fn text(status: u16, body: &str) -> Reply {
+        Reply { status, body: full(body.to_string()), etcd_index: None, raft_headers: false, content_type: "text/plain; charset=utf-8" }
+    }
+}
+
+fn finish(ctx: &Ctx, r: Reply) -> Response<Body> {
+    let mut b = Response::builder()
+        .status(r.status)
+        .header("content-type", r.content_type)
+        .header("access-control-allow-origin", "*")
+        .header("access-control-allow-methods", "POST, GET, OPTIONS, PUT, DELETE")
+        .header("access-control-allow-headers", "accept, content-type, authorization")
+        .header("x-etcd-cluster-id", format!("{:x}", ctx.cluster_id));
+    if let Some(i) = r.etcd_index {
+        b = b.header("x-etcd-index", i.to_string());
+    }
+    if r.raft_headers {
+        let m = ctx.raft.metrics().borrow().clone();
+        b = b
+            .header("x-raft-index", m.last_applied.map(|l| l.index).unwrap_or(0).to_string())
+            .header("x-raft-term", m.current_term.to_string());
+    }
+    b.body(r.body).unwrap_or_else(|_| Response::new(full("internal error building response\n")))
+}
+
+/// Handle one client request. `forwarded` is true when a follower proxied it here (never forward again).
+pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let reply = if path == "/v2/keys" || path.starts_with("/v2/keys/") {
+        return keys(ctx, req, forwarded).await;
+    } else if path == "/v2/members" || path.starts_with("/v2/members/") {
+        members(&ctx, req, forwarded).await
+    } else {
+        match path.as_str() {
+            "/health" => {
+                let m = ctx.raft.metrics().borrow().clone();
+                let published = ctx.sm.data.read().map(|d| d.attrs.contains_key(&ctx.id)).unwrap_or(false);
+                if m.current_leader.is_none() {
+                    Reply::json(503, "{\"health\":\"false\",\"reason\":\"no leader\"}\n".into())
+                } else if !published {
+                    Reply::json(503, "{\"health\":\"false\",\"reason\":\"member attributes not yet published\"}\n".into())
+                } else {
+                    Reply::json(200, "{\"health\":\"true\"}\n".into())
+                }
+            }
+            "/version" => Reply::json(200, format!("{{\"etcdserver\":\"3.4.23\",\"etcdcluster\":\"3.4.0\",\"keel\":\"{}\"}}\n", env!("CARGO_PKG_VERSION"))),
+            "/metrics" => Reply { content_type: "text/plain; version=0.0.4", ..Reply::text(200, &metrics_text(&ctx)) },
+            "/v2/stats/self" => Reply::json(200, stats_self(&ctx)),
+            "/keel/status" => Reply::json(200, ctx.status_json()),
+            _ => Reply::text(404, "404 page not found\n"),
+        }
+    };
+    finish(&ctx, reply)
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<(hyper::http::request::Parts, Bytes), Reply> {
+    let (parts, body) = req.into_parts();
+    if let Some(len) = parts.headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > params::MAX_BODY {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(body, params::MAX_BODY).collect().await {
+        Ok(c) => Ok((parts, c.to_bytes())),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Err(too_large())
+            } else {
+                Err(Reply::error(&EtcdError::new(code::INVALID_FORM, format!("reading request body: {e}"), 0)))
+            }
+        }
+    }
+}
+
+fn too_large() -> Reply {
+    let e = EtcdError::new(code::INVALID_FORM, format!("request body larger than {} bytes", params::MAX_BODY), 0);
+    Reply { status: 413, ..Reply::error(&e) }
+}
+
+async fn keys(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Response<Body> {
+    let method = req.method().as_str().to_string();
+    if !matches!(method.as_str(), "GET" | "HEAD" | "PUT" | "POST" | "DELETE") {
+        let mut r = finish(&ctx, Reply::text(405, "Method Not Allowed\n"));
+        r.headers_mut().insert("allow", hyper::header::HeaderValue::from_static("HEAD,GET,PUT,POST,DELETE"));
+        r.headers_mut().insert("x-content-type-options", hyper::header::HeaderValue::from_static("nosniff"));
+        return r;
+    }
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let (parts, body) = match read_body(req).await {
+        Ok(x) => x,
+        Err(r) => return finish(&ctx, r),
+    };
+    let path = parts.uri.path();
+    let key_path = path.strip_prefix("/v2/keys").unwrap_or("");
+    let query = parts.uri.query().unwrap_or("");
+    let is_form = parts
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let parsed = params::parse(&method, key_path, query, if is_form { Some(&body) } else { None });
+    let reply = match parsed {
+        Err(e) => Reply::error(&e),
+        Ok(KeysRequest::Write(op)) => {
+            if !forwarded {
+                if let Some(url) = ctx.leader_peer_url_if_remote().await {
+                    return ctx.forward(&url, &method, &path_and_query, &parts.headers, body).await;
+                }
+            }
+            match ctx.propose_kv(op).await {
+                Ok(Ok(w)) => Reply {
+                    etcd_index: Some(w.etcd_index),
+                    raft_headers: true,
+                    ..Reply::json(if w.created { 201 } else { 200 }, w.event.to_json())
+                },
+                Ok(Err(e)) => Reply::error(&e),
+                Err(ProposeError::NotLeader(Some(url))) if !forwarded => {
+                    return ctx.forward(&url, &method, &path_and_query, &parts.headers, body).await;
+                }
+                Err(e) => Reply::error(&e.to_etcd(ctx.sm.store_index())),
+            }
+        }
+        Ok(KeysRequest::Get { key, recursive, sorted, linearizable, head }) => {
+            if linearizable {
+                if !forwarded {
+                    if let Some(url) = ctx.leader_peer_url_if_remote().await {
+                        return ctx.forward(&url, &method, &path_and_query, &parts.headers, body).await;
+                    }
+                }
+                if let Err(e) = ctx.linearize().await {
+                    match e {
+                        ProposeError::NotLeader(Some(url)) if !forwarded => {
+                            return ctx.forward(&url, &method, &path_and_query, &parts.headers, body).await;
+                        }
+                        e => return finish(&ctx, Reply::error(&e.to_etcd(ctx.sm.store_index()))),
+                    }
+                }
+            }
+            let now = crate::kv::time::now_nanos();
+            let res = match ctx.sm.data.read() {
+                Ok(d) => d.store.get(&key, recursive, sorted, now).map(|ev| (ev, d.store.index())),
+                Err(_) => Err(EtcdError::new(code::RAFT_INTERNAL, "state machine lock poisoned", 0)),
+            };
+            match res {
+                Ok((ev, idx)) => {
+                    let body = ev.to_json();
+                    let mut r = Reply { etcd_index: Some(idx), raft_headers: true, ..Reply::json(200, body.clone()) };
+                    if head {
+                        r.body = full(Bytes::new());
+                        let mut resp = finish(&ctx, r);
+                        resp.headers_mut().insert("content-length", hyper::header::HeaderValue::from(body.len()));
+                        return resp;
+                    }
+                    r
+                }
+                Err(e) => Reply::error(&e),
+            }
+        }
+        Ok(KeysRequest::Watch { key, recursive, wait_index }) => return watch(ctx, key, recursive, wait_index).await,
+    };
+    finish(&ctx, reply)
+}
+
+async fn watch(ctx: Arc<Ctx>, key: String, recursive: bool, wait_index: Option<u64>) -> Response<Body> {
+    let mut rx = ctx.sm.applied_tx.subscribe();
+    let (accepted, first) = {
+        let d = match ctx.sm.data.read() {
+            Ok(d) => d,
+            Err(_) => return finish(&ctx, Reply::error(&EtcdError::new(code::RAFT_INTERNAL, "lock poisoned", 0))),
+        };
+        let idx = d.store.index();
+        let since = wait_index.unwrap_or(idx + 1);
+        match d.store.scan_history(&key, recursive, since) {
+            Err(e) => return finish(&ctx, Reply::error(&e)),
+            Ok(ev) => (idx, (since, ev)),
+        }
+    };
+    let (mut tx, chan) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+    let reply = Reply { etcd_index: Some(accepted), raft_headers: true, ..Reply::json(200, String::new()) };
+    let mut resp = finish(&ctx, Reply { body: chan.boxed(), ..reply });
+    resp.headers_mut().remove("content-length");
+    let (mut since, first) = first;
+    let c2 = ctx.clone();
+    tokio::spawn(async move {
+        c2.watchers.fetch_add(1, Ordering::Relaxed);
+        let mut found = first;
+        while found.is_none() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+            let r = match c2.sm.data.read() {
+                Ok(d) => {
+                    let r = d.store.scan_history(&key, recursive, since);
+                    let idx = d.store.index();
+                    (r, idx)
+                }
+                Err(_) => break,
+            };
+            match r {
+                (Ok(Some(ev)), _) => found = Some(ev),
+                (Ok(None), idx) => since = since.max(idx + 1),
+                (Err(e), _) => {
+                    let _ = tx.send_data(Bytes::from(e.to_json())).await;
+                    break;
+                }
+            }
+        }
+        if let Some(ev) = found {
+            let _ = tx.send_data(Bytes::from(ev.to_json())).await;
+        }
+        c2.watchers.fetch_sub(1, Ordering::Relaxed);
+    });
+    resp
+}
+
+#[derive(serde::Deserialize)]
+struct MemberAdd {
+    #[serde(rename = "peerURLs")]
+    peer_urls: Vec<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn members(ctx: &Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Reply {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    match method.as_str() {
+        "GET" => Reply::json(200, ctx.members_json()),
+        "POST" | "DELETE" => {
+            let headers = req.headers().clone();
+            let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+            let (_, body) = match read_body(req).await {
+                Ok(x) => x,
+                Err(r) => return r,
+            };
+            if !forwarded {
+                if let Some(url) = ctx.leader_peer_url_if_remote().await {
+                    let resp = ctx.forward(&url, &method, &pq, &headers, body).await;
+                    let status = resp.status().as_u16();
+                    let b = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    return Reply { body: full(b), ..Reply::json(status, String::new()) };
+                }
+            }
+            if method == "POST" {
+                let add: MemberAdd = match serde_json::from_slice(&body) {
+                    Ok(a) => a,
+                    Err(e) => return Reply::json(400, format!("{{\"message\":\"invalid member JSON: {}\"}}\n", e.to_string().replace('"', "'"))),
+                };
+                let Some(url) = add.peer_urls.first() else {
+                    return Reply::json(400, "{\"message\":\"peerURLs is empty\"}\n".into());
+                };
+                match ctx.add_member(add.name.unwrap_or_default(), url.clone()).await {
+                    Ok(json) => Reply::json(201, json),
+                    Err(e) => Reply::json(500, format!("{{\"message\":\"{}\"}}\n", e.replace('"', "'"))),
+                }
+            } else {
+                let id = path.trim_start_matches("/v2/members/").trim_matches('/');
+                let Ok(id) = u64::from_str_radix(id, 16) else {
+                    return Reply::json(400, format!("{{\"message\":\"invalid member id {id:?}\"}}\n"));
+                };
+                match ctx.remove_member(id).await {
+                    Ok(()) => Reply { status: 204, ..Reply::json(204, String::new()) },
+                    Err(e) => Reply::json(500, format!("{{\"message\":\"{}\"}}\n", e.replace('"', "'"))),
+                }
+            }
+        }
+        _ => Reply::text(405, "Method Not Allowed\n"),
+    }
+}
+
+fn stats_self(ctx: &Ctx) -> String {
+    let m = ctx.raft.metrics().borrow().clone();
+    let leader = m.current_leader.map(|l| format!("{l:016x}")).unwrap_or_default();
+    let state = if m.current_leader == Some(ctx.id) { "StateLeader" } else { "StateFollower" };
+    let v = serde_json::json!({
+        "name": ctx.name,
+        "id": format!("{:016x}", ctx.id),
+        "state": state,
+        "startTime": crate::kv::time::rfc3339_nanos(ctx.start_nanos),
+        "leaderInfo": {"leader": leader},
+        "recvAppendRequestCnt": 0,
+        "sendAppendRequestCnt": 0,
+    });
+    format!("{v}\n")
+}
+
+fn metrics_text(ctx: &Ctx) -> String {
+    use std::fmt::Write;
+    let m = ctx.raft.metrics().borrow().clone();
+    let s = &ctx.storage_metrics;
+    let mut o = String::new();
+    let mut g = |name: &str, help: &str, kind: &str, v: String| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    g("keel_raft_term", "Current Raft term.", "gauge", m.current_term.to_string());
+    g("keel_raft_is_leader", "1 if this member is the Raft leader.", "gauge", u8::from(m.current_leader == Some(ctx.id)).to_string());
+    g("keel_raft_has_leader", "1 if a leader is known.", "gauge", u8::from(m.current_leader.is_some()).to_string());
+    g("keel_raft_last_log_index", "Index of the last Raft log entry.", "gauge", m.last_log_index.unwrap_or(0).to_string());
+    g("keel_raft_commit_index", "Committed Raft log index.", "gauge", s.committed.load(Ordering::Relaxed).to_string());
+    g("keel_raft_applied_index", "Applied Raft log index.", "gauge", m.last_applied.map(|l| l.index).unwrap_or(0).to_string());
+    g("keel_store_index", "etcd v2 store index (X-Etcd-Index).", "gauge", ctx.sm.store_index().to_string());
+    g("keel_proposals_total", "Raft proposals made by this member.", "counter", ctx.proposals.load(Ordering::Relaxed).to_string());
+    g("keel_proposals_failed_total", "Raft proposals that failed or timed out.", "counter", ctx.proposals_failed.load(Ordering::Relaxed).to_string());
+    g("keel_forwarded_total", "Client requests forwarded to the leader.", "counter", ctx.forwarded.load(Ordering::Relaxed).to_string());
+    g("keel_watchers", "Open long-poll watches.", "gauge", ctx.watchers.load(Ordering::Relaxed).to_string());
+    g("keel_raft_log_entries_written_total", "Raft log entries made durable.", "counter", s.entries.load(Ordering::Relaxed).to_string());
+    let _ = writeln!(o, "# HELP keel_wal_fsync_duration_seconds Latency of the redb commit (fsync) of a log batch.\n# TYPE keel_wal_fsync_duration_seconds histogram");
+    let mut cum = 0;
+    for (i, b) in crate::raft::storage::FSYNC_BUCKETS.iter().enumerate() {
+        cum += s.fsync_buckets[i].load(Ordering::Relaxed);
+        let _ = writeln!(o, "keel_wal_fsync_duration_seconds_bucket{{le=\"{b}\"}} {cum}");
+    }
+    cum += s.fsync_buckets[4].load(Ordering::Relaxed);
+    let _ = writeln!(o, "keel_wal_fsync_duration_seconds_bucket{{le=\"+Inf\"}} {cum}");
+    let _ = writeln!(o, "keel_wal_fsync_duration_seconds_sum {}", s.fsync_micros.load(Ordering::Relaxed) as f64 / 1e6);
+    let _ = writeln!(o, "keel_wal_fsync_duration_seconds_count {}", s.fsyncs.load(Ordering::Relaxed));
+    o
+}
+

@@ -1,0 +1,200 @@
+//! `clusterd`: run one member of Keel's Raft-replicated, etcd-v2-compatible key-value store.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use keel_clusterd::server::{self, ClusterState, Config};
+
+const LONG_ABOUT: &str = "\
+Run one member of Keel's cluster store: a key-value store replicated with Raft (openraft, redb storage, fsync before acknowledging) that speaks etcd's v2 keys API, so curl recipes, `etcdctl` (ETCDCTL_API=2) and python-etcd work unchanged.
+
+Clients talk to --listen-client-urls (/v2/keys, /v2/members, /health, /version, /metrics). Members talk to each other on --listen-peer-urls; every peer request carries --cluster-token and a member with another token is refused.
+
+A new static cluster forms by itself: start every member with the same --initial-cluster. A member restarted with its data directory rejoins with its data; a damaged store makes it refuse to start. To grow a cluster, run `clusterctl member add NAME PEER-URL`, then start the new member with --initial-cluster-state existing.
+
+EXAMPLES
+  One member on loopback:
+    clusterd --name a --data-dir /var/lib/keel/clusterd
+
+  Three members on one machine:
+    clusterd --name a --data-dir /tmp/a --listen-client-urls http://127.0.0.1:2379 \\
+      --listen-peer-urls http://127.0.0.1:2380 --cluster-token t1 \\
+      --initial-cluster a=http://127.0.0.1:2380,b=http://127.0.0.1:2382,c=http://127.0.0.1:2384
+    (and the same for b and c with their own ports and data directories)
+
+  Discovery instead of a static list (like discovery.etcd.io):
+    clusterd discovery --listen-url http://10.0.0.1:8087 &
+    curl 'http://10.0.0.1:8087/new?size=3'        # prints a token URL
+    clusterd --name a ... --discovery http://10.0.0.1:8087/<token>   (on each of the 3 members)
+
+  Then:
+    curl -X PUT http://127.0.0.1:2379/v2/keys/message -d value=hello
+    ETCDCTL_API=2 etcdctl --endpoints http://127.0.0.1:2379 get /message";
+
+/// Run one member of Keel's cluster store (Raft-replicated, etcd v2 keys API).
+#[derive(Parser, Debug)]
+#[command(name = "clusterd", version, about, long_about = LONG_ABOUT)]
+struct Args {
+    /// Human-readable name of this member (must match its entry in --initial-cluster).
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Directory holding this member's store (clusterd.redb).
+    #[arg(long, default_value = "/var/lib/keel/clusterd")]
+    data_dir: PathBuf,
+    /// Comma-separated URLs to serve the client API on.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    listen_client_urls: String,
+    /// Client URLs advertised in /v2/members (default: --listen-client-urls).
+    #[arg(long)]
+    advertise_client_urls: Option<String>,
+    /// URL to serve peer (Raft) traffic on.
+    #[arg(long, default_value = "http://127.0.0.1:2380")]
+    listen_peer_urls: String,
+    /// This member's peer URL as other members reach it (default: its --initial-cluster entry).
+    #[arg(long)]
+    initial_advertise_peer_urls: Option<String>,
+    /// Initial members as name=peer-url,... (default: just this member).
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// `new` bootstraps a cluster from --initial-cluster when the store is empty; `existing` waits to be added.
+    #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+    initial_cluster_state: String,
+    /// Shared secret of this cluster; peers presenting another token are refused.
+    #[arg(long, default_value = "keel-cluster")]
+    cluster_token: String,
+    /// Raft log entries between two snapshots (older entries are then compacted).
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_count: u64,
+    /// Discovery token URL (from `clusterd discovery`'s /new?size=N): wait for the cluster's members to
+    /// register there instead of using --initial-cluster.
+    #[arg(long)]
+    discovery: Option<String>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// Serve a discovery service: GET /new?size=N hands out token URLs members register under.
+    Discovery {
+        /// URL to listen on.
+        #[arg(long, default_value = "http://127.0.0.1:8087")]
+        listen_url: String,
+        /// Base URL printed in token URLs (default: --listen-url).
+        #[arg(long)]
+        advertise_url: Option<String>,
+    },
+}
+
+fn config(a: &Args) -> anyhow::Result<Config> {
+    let client_urls: Vec<String> = a.listen_client_urls.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
+    let client_addrs = client_urls.iter().map(|u| server::parse_url_addr(u)).collect::<Result<Vec<_>, _>>()?;
+    let advertise = match &a.advertise_client_urls {
+        Some(s) => s.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).collect(),
+        None => client_urls.clone(),
+    };
+    let listen_peer = a.listen_peer_urls.split(',').next().unwrap_or("").trim().trim_end_matches('/').to_string();
+    let peer_addr = server::parse_url_addr(&listen_peer)?;
+    let initial = match (&a.discovery, &a.initial_cluster) {
+        (Some(url), _) => {
+            let own = a.initial_advertise_peer_urls.clone().unwrap_or_else(|| listen_peer.clone());
+            let members = keel_clusterd::discovery::join(url, &a.name, own.trim_end_matches('/'), std::time::Duration::from_secs(600))?;
+            members.into_iter().map(|m| (m.name, m.peer_url.trim_end_matches('/').to_string())).collect()
+        }
+        (None, Some(s)) => server::parse_initial_cluster(s)?,
+        (None, None) => [(a.name.clone(), a.initial_advertise_peer_urls.clone().unwrap_or_else(|| listen_peer.clone()))].into_iter().collect(),
+    };
+    let peer_url = match &a.initial_advertise_peer_urls {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => initial.get(&a.name).cloned().unwrap_or_else(|| listen_peer.clone()),
+    };
+    Ok(Config {
+        name: a.name.clone(),
+        data_dir: a.data_dir.clone(),
+        client_addrs,
+        advertise_client_urls: advertise,
+        peer_addr,
+        peer_url,
+        initial_cluster: initial,
+        state: if a.initial_cluster_state == "existing" { ClusterState::Existing } else { ClusterState::New },
+        token: a.cluster_token.clone(),
+        snapshot_count: a.snapshot_count.max(100),
+    })
+}
+
+/// Open and verify a store in a throw-away child process: a damaged file can make the storage engine abort,
+/// and this way the member reports it clearly instead of dying without a word.
+fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
+    let db = dir.join("clusterd.redb");
+    if !db.exists() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the clusterd binary")?;
+    let out = std::process::Command::new(exe).arg("__check-store").arg(dir).output().context("running the store check")?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let detail = String::from_utf8_lossy(&out.stderr);
+    let detail = detail.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("the storage engine aborted").trim().to_string();
+    anyhow::bail!(
+        "store {} is corrupt or truncated ({detail}); refusing to start. Move it away and re-add this member empty",
+        db.display()
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut raw = std::env::args_os();
+    if raw.nth(1).is_some_and(|a| a == "__check-store") {
+        let dir = std::path::PathBuf::from(raw.next().unwrap_or_default());
+        match keel_clusterd::raft::storage::verify(&dir) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let args = Args::parse();
+    let level = match args.log_level.as_str() {
+        "error" => tracing::Level::ERROR,
+        "info" => tracing::Level::INFO,
+        "debug" => tracing::Level::DEBUG,
+        "trace" => tracing::Level::TRACE,
+        _ => tracing::Level::WARN,
+    };
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_ansi(false).init();
+    if let Some(Sub::Discovery { listen_url, advertise_url }) = &args.cmd {
+        let addr = server::parse_url_addr(listen_url)?;
+        let public = advertise_url.clone().unwrap_or_else(|| listen_url.clone());
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+        eprintln!("clusterd discovery: serving on {listen_url}; GET {public}/new?size=N for a token");
+        return rt.block_on(keel_clusterd::discovery::serve(addr, public)).with_context(|| format!("discovery service on {listen_url}"));
+    }
+    let cfg = config(&args)?;
+    check_store_in_child(&cfg.data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let running = server::start(cfg.clone())
+            .await
+            .with_context(|| format!("clusterd member {:?} failed to start", cfg.name))?;
+        eprintln!(
+            "clusterd: member {} ({:016x}) serving clients on {} and peers on {}",
+            cfg.name,
+            running.ctx.id,
+            cfg.advertise_client_urls.join(","),
+            cfg.peer_url
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("clusterd: shutting down");
+        running.shutdown().await.context("stopping raft")?;
+        Ok(())
+    })
+}

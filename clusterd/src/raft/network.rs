@@ -1,0 +1,190 @@
+//! Peer transport, client side: openraft RPCs as JSON over HTTP/1.1 to `<peer-url>/raft/*`.
+//!
+//! Owns: the pooled HTTP client used for Raft RPCs and for forwarding client requests to the leader, the
+//! cluster-token header every peer request carries ([`TOKEN_HEADER`]), and mapping transport failures onto
+//! openraft's `Unreachable`/`Network`/`RemoteError`. Does not: serve peer requests (see `server`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{Member, TypeConfig};
+
+/// Header carrying the cluster token on every peer request.
+pub const TOKEN_HEADER: &str = "x-keel-cluster-token";
+/// Header naming the sending member (hex id), for logs and fault-injection proxies in tests.
+pub const FROM_HEADER: &str = "x-keel-from";
+
+/// The shared HTTP client type.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Build the pooled HTTP client.
+pub fn http_client() -> HttpClient {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(Duration::from_secs(1)));
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(c)
+}
+
+/// Transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Could not connect or the connection broke.
+    #[error("peer {url} unreachable: {detail}")]
+    Unreachable {
+        /// Peer URL.
+        url: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The peer answered with something unexpected.
+    #[error("peer {url} answered {status}: {detail}")]
+    Bad {
+        /// Peer URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Body or decode error.
+        detail: String,
+    },
+    /// No answer in time.
+    #[error("peer {url} timed out")]
+    Timeout {
+        /// Peer URL.
+        url: String,
+    },
+}
+
+/// POST JSON to `url` with the cluster token; decode the JSON answer.
+pub async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
+    client: &HttpClient,
+    url: &str,
+    token: &str,
+    from: u64,
+    req: &Req,
+    timeout: Duration,
+) -> Result<Resp, TransportError> {
+    let body = serde_json::to_vec(req).map_err(|e| TransportError::Bad { url: url.into(), status: 0, detail: e.to_string() })?;
+    let request = hyper::Request::post(url)
+        .header(TOKEN_HEADER, token)
+        .header(FROM_HEADER, format!("{from:016x}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| TransportError::Bad { url: url.into(), status: 0, detail: e.to_string() })?;
+    let fut = async {
+        let resp = client
+            .request(request)
+            .await
+            .map_err(|e| TransportError::Unreachable { url: url.into(), detail: e.to_string() })?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| TransportError::Unreachable { url: url.into(), detail: e.to_string() })?
+            .to_bytes();
+        if status != 200 {
+            return Err(TransportError::Bad {
+                url: url.into(),
+                status,
+                detail: String::from_utf8_lossy(&bytes).trim().to_string(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| TransportError::Bad { url: url.into(), status, detail: e.to_string() })
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Timeout { url: url.into() }),
+    }
+}
+
+/// Creates one [`PeerClient`] per target.
+#[derive(Clone)]
+pub struct Network {
+    /// HTTP client.
+    pub client: HttpClient,
+    /// Cluster token.
+    pub token: String,
+    /// This member's id.
+    pub from: u64,
+}
+
+/// RPC client to one peer.
+pub struct PeerClient {
+    client: HttpClient,
+    token: String,
+    from: u64,
+    target: u64,
+    url: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &Member) -> PeerClient {
+        PeerClient {
+            client: self.client.clone(),
+            token: self.token.clone(),
+            from: self.from,
+            target,
+            url: node.peer_url.trim_end_matches('/').to_string(),
+        }
+    }
+}
+
+impl PeerClient {
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, Member, E>> {
+        let url = format!("{}/raft/{path}", self.url);
+        let r: Result<Result<Resp, E>, TransportError> =
+            post_json(&self.client, &url, &self.token, self.from, req, option.hard_ttl()).await;
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Err(e @ TransportError::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
+        self.rpc("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>> {
+        self.rpc("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
+        self.rpc("vote", &rpc, &option).await
+    }
+}

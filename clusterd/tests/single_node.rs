@@ -1,0 +1,288 @@
+//! One real `clusterd` process: curl recipes, Debian's etcdctl (ETCDCTL_API=2), python-etcd, bad input,
+//! clusterctl, restart with data, and refusing a corrupt store.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{wait_until, Cluster, CTL};
+use keel_clusterd::client::request;
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl").args(["-sS", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn curl_recipes_work() {
+    if !have("curl") {
+        eprintln!("SKIP: curl not installed (make deps)");
+        return;
+    }
+    let c = Cluster::start(1, false);
+    let ep = c.members[0].client_url.clone();
+    let (s, b) = curl(&["-X", "PUT", &format!("{ep}/v2/keys/message"), "-d", "value=Hello world"]);
+    assert_eq!(s, 201, "{b}");
+    assert!(b.contains("\"action\":\"set\"") && b.contains("\"value\":\"Hello world\""), "{b}");
+    let (s, b) = curl(&[&format!("{ep}/v2/keys/message")]);
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = curl(&["-X", "PUT", &format!("{ep}/v2/keys/message?prevValue=nope"), "-d", "value=x"]);
+    assert_eq!(s, 412, "{b}");
+    assert!(b.contains("\"errorCode\":101"), "{b}");
+    let (s, b) = curl(&["-X", "POST", &format!("{ep}/v2/keys/queue"), "-d", "value=Job1"]);
+    assert_eq!(s, 201, "{b}");
+    assert!(b.contains("\"action\":\"create\""), "{b}");
+    let (s, b) = curl(&[&format!("{ep}/v2/keys/queue?recursive=true&sorted=true")]);
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("Job1"), "{b}");
+    let (s, _) = curl(&["-X", "PUT", &format!("{ep}/v2/keys/tmp"), "-d", "value=e", "-d", "ttl=1"]);
+    assert_eq!(s, 201);
+    wait_until("ttl key to expire through the log", Duration::from_secs(10), || {
+        (curl(&[&format!("{ep}/v2/keys/tmp")]).0 == 404).then_some(())
+    });
+    // A watch resumes at modifiedIndex+1 and sees the expire event.
+    let (s, b) = curl(&["-X", "PATCH", &format!("{ep}/v2/keys/message")]);
+    assert_eq!(s, 405, "{b}");
+    let (s, b) = curl(&[&format!("{ep}/v2/members")]);
+    assert_eq!(s, 200);
+    assert!(b.contains("\"clientURLs\":[\"") && b.contains("\"name\":\"m0\""), "{b}");
+    let (s, b) = curl(&[&format!("{ep}/health")]);
+    assert_eq!((s, b.trim()), (200, "{\"health\":\"true\"}"));
+    let (s, b) = curl(&[&format!("{ep}/version")]);
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = curl(&[&format!("{ep}/metrics")]);
+    assert_eq!(s, 200);
+    for m in ["keel_raft_term", "keel_raft_commit_index", "keel_raft_applied_index", "keel_proposals_total", "keel_wal_fsync_duration_seconds_count", "keel_watchers"] {
+        assert!(b.contains(m), "metric {m} missing from /metrics");
+    }
+}
+
+#[test]
+fn watch_long_poll_wakes_on_write_and_resumes_without_gap() {
+    let c = Cluster::start(1, false);
+    // waitIndex = current index + 1 makes the watch independent of when it reaches the server.
+    let next = c.store_index(0) + 1;
+    let w = {
+        let url = c.url(0, &format!("/v2/keys/w?wait=true&waitIndex={next}"));
+        std::thread::spawn(move || request("GET", &url, None, Duration::from_secs(20)))
+    };
+    let set = c.put(0, "/w", "1").expect("put");
+    let ev = w.join().expect("join").expect("watch");
+    let v = ev.json().expect("json");
+    assert_eq!(v["node"]["value"], "1", "{}", ev.body);
+    let idx = set.json().expect("json")["node"]["modifiedIndex"].as_u64().expect("index");
+    c.put(0, "/w", "2").expect("put");
+    c.put(0, "/w", "3").expect("put");
+    let r = request("GET", &c.url(0, &format!("/v2/keys/w?wait=true&waitIndex={}", idx + 1)), None, Duration::from_secs(5)).expect("watch");
+    assert_eq!(r.json().expect("json")["node"]["value"], "2", "resume must return the next event, no gap");
+}
+
+#[test]
+fn bad_input_is_refused_and_member_stays_healthy() {
+    let c = Cluster::start(1, false);
+    // A body announced over the 1 MiB limit is refused before it is read.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(c.members[0].client_url.trim_start_matches("http://")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let head = "PUT /v2/keys/big HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 2097152\r\nConnection: close\r\n\r\nvalue=";
+        s.write_all(head.as_bytes()).expect("write head");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        assert!(resp.starts_with("HTTP/1.1 413"), "oversized body: {}", &resp[..resp.len().min(300)]);
+        assert!(resp.contains("\"errorCode\":210"), "{resp}");
+    }
+    // A chunked body that grows past the limit is cut off too (the client may see the answer or a reset).
+    let big = "v".repeat(2 * 1024 * 1024);
+    if let Ok(r) = request("PUT", &c.url(0, "/v2/keys/big"), Some(&format!("value={big}")), Duration::from_secs(10)) {
+        assert_eq!(r.status, 413, "oversized body: {}", &r.body[..r.body.len().min(200)]);
+    }
+    let r = request("PUT", &c.url(0, "/v2/keys/k"), Some("value=%zz"), Duration::from_secs(5)).expect("bad form");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("\"errorCode\":210"), "{}", r.body);
+    let r = request("GET", &c.url(0, "/v2/keys/k?recursive=perhaps"), None, Duration::from_secs(5)).expect("bad bool");
+    assert!(r.body.contains("\"errorCode\":209"), "{}", r.body);
+    let r = request("PUT", &c.url(0, "/v2/keys/k?ttl=abc"), Some("value=1"), Duration::from_secs(5)).expect("bad ttl");
+    assert!(r.body.contains("\"errorCode\":202"), "{}", r.body);
+    let r = request("GET", &c.url(0, "/v2/keys/a/%2e%2e/%2e%2e/x"), None, Duration::from_secs(5)).expect("bad key");
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Garbage on the socket.
+    if let Ok(mut s) = std::net::TcpStream::connect(c.members[0].client_url.trim_start_matches("http://")) {
+        use std::io::Write;
+        let _ = s.write_all(b"\x00\x01garbage\r\n\r\n");
+    }
+    let r = c.put(0, "/still", "alive").expect("put after bad input");
+    assert_eq!(r.status, 201);
+    let h = request("GET", &c.url(0, "/health"), None, Duration::from_secs(5)).expect("health");
+    assert_eq!(h.status, 200);
+}
+
+#[test]
+fn etcdctl_v2_works_unchanged() {
+    if !have("etcdctl") {
+        eprintln!("SKIP: etcdctl not installed (apt-get install etcd-client)");
+        return;
+    }
+    let c = Cluster::start(1, false);
+    let ep = c.members[0].client_url.clone();
+    let ctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "2")
+            .args(["--endpoints", &ep])
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    assert_eq!(ctl(&["set", "/foo", "bar"]), (true, "bar\n".into()));
+    assert_eq!(ctl(&["get", "/foo"]), (true, "bar\n".into()));
+    assert!(ctl(&["mk", "/new", "v"]).0);
+    let (ok, out) = ctl(&["mk", "/new", "v"]);
+    assert!(!ok && out.contains("Key already exists"), "{out}");
+    assert!(ctl(&["mkdir", "/dir"]).0);
+    assert!(ctl(&["set", "/dir/a", "1"]).0);
+    assert_eq!(ctl(&["update", "/foo", "baz"]), (true, "baz\n".into()));
+    let (ok, out) = ctl(&["ls", "--recursive", "/"]);
+    assert!(ok && out.contains("/dir/a") && out.contains("/foo") && out.contains("/new"), "{out}");
+    assert!(ctl(&["rm", "/foo"]).0);
+    let (ok, out) = ctl(&["get", "/foo"]);
+    assert!(!ok && out.contains("Key not found"), "{out}");
+    assert!(ctl(&["rm", "/dir/a"]).0);
+    assert!(ctl(&["rmdir", "/dir"]).0);
+    let (ok, out) = ctl(&["member", "list"]);
+    assert!(ok && out.contains("name=m0") && out.contains(&c.members[0].peer_url), "{out}");
+    // watch: blocks until the next change.
+    let ep2 = ep.clone();
+    let after = c.store_index(0).to_string();
+    let w = std::thread::spawn(move || {
+        Command::new("etcdctl").env("ETCDCTL_API", "2").args(["--endpoints", &ep2, "watch", "--after-index", &after, "/watched"]).output()
+    });
+    assert!(ctl(&["set", "/watched", "hello"]).0);
+    let out = w.join().expect("join").expect("etcdctl watch");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    // exec-watch runs a command on change.
+    let ep3 = ep.clone();
+    let marker = c.tmp.path().join("exec-watch.out");
+    let m2 = marker.clone();
+    let mut ew = Command::new("etcdctl")
+        .env("ETCDCTL_API", "2")
+        .args(["--endpoints", &ep3, "exec-watch", "--recursive", "/ew", "--", "sh", "-c"])
+        .arg(format!("echo \"$ETCD_WATCH_VALUE\" > {}", m2.display()))
+        .spawn()
+        .expect("exec-watch");
+    // exec-watch only sees changes made after it connected: keep changing the key until it fires.
+    wait_until("exec-watch to run its command", Duration::from_secs(20), || {
+        assert!(ctl(&["set", "/ew", "fired"]).0);
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::read_to_string(&marker).ok().filter(|s| s.trim() == "fired").map(|_| ())
+    });
+    let _ = ew.kill();
+    let _ = ew.wait();
+}
+
+#[test]
+fn python_etcd_works_unchanged() {
+    let ok = Command::new("python3").args(["-c", "import etcd"]).status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: python-etcd not installed (pip install python-etcd)");
+        return;
+    }
+    let c = Cluster::start(1, false);
+    let url = c.members[0].client_url.trim_start_matches("http://").to_string();
+    let (host, port) = url.split_once(':').expect("host:port");
+    let script = format!(
+        r#"
+import etcd, sys
+c = etcd.Client(host="{host}", port={port}, allow_reconnect=False)
+c.write("/py/a", "1")
+assert c.read("/py/a").value == "1"
+r = c.write("/py/a", "2", prevValue="1")
+assert r.value == "2"
+try:
+    c.write("/py/a", "3", prevValue="nope")
+    sys.exit("CAS should have failed")
+except etcd.EtcdCompareFailed:
+    pass
+c.write("/py/dir", None, dir=True)
+c.write("/py/dir/x", "x")
+c.write("/py/q", "job", append=True)
+keys = sorted(ch.key for ch in c.read("/py", recursive=True).leaves)
+assert "/py/a" in keys and "/py/dir/x" in keys, keys
+c.write("/py/t", "v", ttl=60)
+assert c.read("/py/t").ttl is not None
+c.delete("/py/a")
+try:
+    c.read("/py/a")
+    sys.exit("key should be gone")
+except etcd.EtcdKeyNotFound:
+    pass
+idx = c.write("/py/w", "one").modifiedIndex
+c.write("/py/w", "two")
+ev = c.watch("/py/w", index=idx + 1, timeout=5)
+assert ev.value == "two", ev.value
+print("python-etcd ok")
+"#
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("python-etcd ok"), "python-etcd script failed:\n{text}");
+}
+
+#[test]
+fn clusterctl_kv_and_member_commands() {
+    let c = Cluster::start(1, false);
+    let ep = c.members[0].client_url.clone();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(CTL).args(["--endpoints", &ep]).args(args).output().expect("clusterctl");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    assert_eq!(ctl(&["kv", "set", "/a/b", "hello world"]), (true, "hello world\n".into()));
+    assert_eq!(ctl(&["kv", "get", "/a/b"]), (true, "hello world\n".into()));
+    let (ok, out) = ctl(&["kv", "mk", "/a/b", "again"]);
+    assert!(!ok && out.contains("105"), "{out}");
+    let (ok, out) = ctl(&["kv", "ls", "/", "--recursive"]);
+    assert!(ok && out.contains("/a/b"), "{out}");
+    let (ok, out) = ctl(&["--json", "kv", "get", "/a/b"]);
+    assert!(ok && out.contains("\"action\":\"get\""), "{out}");
+    let (ok, out) = ctl(&["member", "list"]);
+    assert!(ok && out.contains("m0"), "{out}");
+    let (ok, out) = ctl(&["status"]);
+    assert!(ok && out.contains("leader: m0") && out.contains("healthy"), "{out}");
+    assert!(ctl(&["kv", "rm", "/a", "--recursive"]).0);
+    let (ok, _) = ctl(&["kv", "get", "/a/b"]);
+    assert!(!ok);
+    let help = Command::new(CTL).arg("--help").output().expect("help");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("EXAMPLES"));
+}
+
+#[test]
+fn restart_keeps_data_and_corrupt_store_is_refused() {
+    let mut c = Cluster::start(1, false);
+    for i in 0..50 {
+        assert_eq!(c.put(0, &format!("/r/k{i}"), &format!("v{i}")).expect("put").status, 201);
+    }
+    c.kill9(0);
+    c.spawn(0);
+    c.wait_ready();
+    for i in 0..50 {
+        assert_eq!(c.value(0, &format!("/r/k{i}"), false).as_deref(), Some(format!("v{i}").as_str()), "lost /r/k{i} after kill -9");
+    }
+    c.stop(0);
+    // Truncate the store: the member must refuse to start with a clear message.
+    let db = c.members[0].dir.join("clusterd.redb");
+    let len = std::fs::metadata(&db).expect("db").len();
+    let f = std::fs::OpenOptions::new().write(true).open(&db).expect("open db");
+    f.set_len(len / 3).expect("truncate");
+    drop(f);
+    let out = c.command(0).output().expect("run clusterd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "clusterd started on a truncated store: {err}");
+    assert!(err.contains("clusterd.redb") && (err.contains("corrupt") || err.contains("truncated")), "unclear message: {err}");
+}

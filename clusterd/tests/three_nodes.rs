@@ -1,0 +1,250 @@
+//! Three real members on 127.0.0.x: replication, forwarding from followers, peer authentication,
+//! repeated kill -9 of the leader under concurrent write load, full restart, membership changes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{wait_until, Cluster, CTL};
+use keel_clusterd::client::{enc, request, request_with};
+
+#[test]
+fn three_members_replicate_forward_and_refuse_strangers() {
+    let c = Cluster::start(3, false);
+    let leader = c.wait_leader(Duration::from_secs(20));
+    let follower = (leader + 1) % 3;
+    // A write sent to a follower is forwarded to the leader.
+    let r = c.put(follower, "/fwd", "via-follower").expect("put");
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(r.header("x-etcd-index").is_some());
+    // Linearizable read from any member sees it at once; local reads converge.
+    for i in 0..3 {
+        assert_eq!(c.value(i, "/fwd", false).as_deref(), Some("via-follower"), "linearizable read on m{i}");
+        wait_until("local read to converge", Duration::from_secs(10), || (c.value(i, "/fwd", true).as_deref() == Some("via-follower")).then_some(()));
+    }
+    // Watch on a follower sees a write made through another member.
+    let next = c.store_index(follower) + 1;
+    let url = c.url(follower, &format!("/v2/keys/fw?wait=true&waitIndex={next}"));
+    let w = std::thread::spawn(move || request("GET", &url, None, Duration::from_secs(20)));
+    c.put(leader, "/fw", "x").expect("put");
+    let ev = w.join().expect("join").expect("watch");
+    assert!(ev.body.contains("\"value\":\"x\""), "{}", ev.body);
+    // Members list all three with client URLs.
+    wait_until("all members to publish client URLs", Duration::from_secs(10), || {
+        let r = request("GET", &c.url(0, "/v2/members"), None, Duration::from_secs(2)).ok()?;
+        let v = r.json()?;
+        let ms = v["members"].as_array()?.clone();
+        (ms.len() == 3 && ms.iter().all(|m| m["clientURLs"].as_array().is_some_and(|a| !a.is_empty()))).then_some(())
+    });
+    // A peer presenting another cluster's token is refused.
+    let peer = format!("{}/raft/vote", c.members[leader].peer_url);
+    let r = request_with("POST", &peer, Some(("application/json", "{}")), Duration::from_secs(5)).expect("post");
+    assert_eq!(r.status, 403, "peer request without token: {}", r.body);
+    // clusterctl status shows the leader and every member healthy.
+    let out = Command::new(CTL).args(["--endpoints", &c.members[follower].client_url, "status"]).output().expect("clusterctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("leader: {}", c.members[leader].name)), "{text}");
+    assert_eq!(text.matches("healthy").count() - text.matches("unhealthy").count(), 3, "{text}");
+}
+
+#[test]
+fn acknowledged_writes_survive_repeated_leader_kills() {
+    kill_leaders_under_load(3, 4);
+}
+
+#[test]
+fn acknowledged_writes_survive_leader_kills_in_a_five_member_cluster() {
+    kill_leaders_under_load(5, 3);
+}
+
+fn kill_leaders_under_load(members: usize, kills: usize) {
+    let mut c = Cluster::start(members, false);
+    let urls: Vec<String> = c.members.iter().map(|m| m.client_url.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let queued: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut writers = Vec::new();
+    for t in 0..4 {
+        let (urls, stop, acked, queued) = (urls.clone(), stop.clone(), acked.clone(), queued.clone());
+        writers.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let ep = &urls[(n as usize + t) % urls.len()];
+                let value = format!("w{t}-{n}");
+                if n % 3 == 0 {
+                    // In-order key.
+                    if let Ok(r) = request("POST", &format!("{ep}/v2/keys/queue"), Some(&format!("value={value}")), Duration::from_secs(10)) {
+                        if r.status == 201 {
+                            queued.lock().expect("lock").push(value);
+                        }
+                    }
+                } else {
+                    let key = format!("/load/t{t}/k{n}");
+                    if let Ok(r) = request("PUT", &format!("{ep}/v2/keys{key}"), Some(&format!("value={}", enc(&value))), Duration::from_secs(10)) {
+                        if r.status == 201 || r.status == 200 {
+                            acked.lock().expect("lock").insert(key, value);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for k in 0..kills {
+        let before = acked.lock().expect("lock").len();
+        wait_until("writes to make progress", Duration::from_secs(30), || (acked.lock().ok()?.len() >= before + 100).then_some(()));
+        let leader = c.wait_leader(Duration::from_secs(30));
+        eprintln!("kill {k}: kill -9 leader m{leader} after {} acked writes", acked.lock().expect("lock").len());
+        c.kill9(leader);
+        wait_until("a new leader among the survivors", Duration::from_secs(30), || c.leader().filter(|l| *l != leader));
+        c.spawn(leader);
+    }
+    let before = acked.lock().expect("lock").len();
+    wait_until("writes to make progress after the last kill", Duration::from_secs(30), || (acked.lock().ok()?.len() >= before + 20).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+    c.wait_ready();
+    let acked = acked.lock().expect("lock").clone();
+    let queued = queued.lock().expect("lock").clone();
+    assert!(acked.len() > 50, "too few acknowledged writes to mean anything: {}", acked.len());
+    // Every acknowledged write is present, on every member.
+    let r = c.get_ok(0, "/v2/keys/load?recursive=true");
+    let v = r.json().expect("json");
+    let mut found: HashMap<String, String> = HashMap::new();
+    fn walk(n: &serde_json::Value, out: &mut HashMap<String, String>) {
+        if let Some(v) = n["value"].as_str() {
+            out.insert(n["key"].as_str().unwrap_or("").to_string(), v.to_string());
+        }
+        for c in n["nodes"].as_array().cloned().unwrap_or_default() {
+            walk(&c, out);
+        }
+    }
+    walk(&v["node"], &mut found);
+    for (k, val) in &acked {
+        assert_eq!(found.get(k), Some(val), "lost acknowledged write {k}={val}");
+    }
+    // In-order keys: every acknowledged POST exactly once, none duplicated.
+    let r = c.get_ok(1, "/v2/keys/queue?recursive=true&sorted=true");
+    let v = r.json().expect("json");
+    let items: Vec<String> = v["node"]["nodes"].as_array().cloned().unwrap_or_default().iter().filter_map(|n| n["value"].as_str().map(String::from)).collect();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for it in &items {
+        *counts.entry(it.as_str()).or_default() += 1;
+    }
+    for (it, n) in &counts {
+        assert_eq!(*n, 1, "in-order value {it} duplicated");
+    }
+    for q in &queued {
+        assert!(counts.contains_key(q.as_str()), "lost acknowledged in-order key {q}");
+    }
+    // All members converge to the same store index.
+    wait_until("members to converge", Duration::from_secs(20), || {
+        let idx: Vec<u64> = (0..members).filter_map(|i| c.status(i)?["storeIndex"].as_u64()).collect();
+        (idx.len() == members && idx.iter().all(|x| *x == idx[0])).then_some(())
+    });
+    eprintln!("{members} members: {} acked writes and {} in-order keys verified after {kills} leader kills", acked.len(), queued.len());
+}
+
+#[test]
+fn restarting_every_member_keeps_data() {
+    let mut c = Cluster::start(3, false);
+    for i in 0..100 {
+        let r = c.put(i % 3, &format!("/keep/k{i}"), &format!("v{i}")).expect("put");
+        assert!(r.status == 201, "{}", r.body);
+    }
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_ready();
+    for i in 0..100 {
+        assert_eq!(c.value(i % 3, &format!("/keep/k{i}"), false).as_deref(), Some(format!("v{i}").as_str()), "lost /keep/k{i} after restart");
+    }
+}
+
+#[test]
+fn members_are_added_removed_and_a_corrupt_member_is_readded_empty() {
+    let mut c = Cluster::create(3, false);
+    c.snapshot_count = 100;
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_ready();
+    // Enough writes that the new member needs a snapshot.
+    for i in 0..300 {
+        c.put(i % 3, &format!("/m/k{i}"), "v").expect("put");
+    }
+    // The log has been compacted behind a snapshot, so the new member must be sent the snapshot.
+    wait_until("log compaction behind a snapshot", Duration::from_secs(20), || {
+        let l = c.leader()?;
+        (c.status(l)?["purgedIndex"].as_u64()? > 0).then_some(())
+    });
+    let n = c.push_member();
+    let out = Command::new(CTL)
+        .args(["--endpoints", &c.members[0].client_url, "member", "add", &c.members[n].name, &c.members[n].peer_url])
+        .output()
+        .expect("clusterctl member add");
+    assert!(out.status.success(), "member add: {}", String::from_utf8_lossy(&out.stderr));
+    c.spawn(n);
+    wait_until("the new member to catch up", Duration::from_secs(30), || (c.value(n, "/m/k299", true).as_deref() == Some("v")).then_some(()));
+    // Corrupt member m3's store: it refuses to start; remove it, wipe, re-add empty.
+    c.stop(n);
+    let db = c.members[n].dir.join("clusterd.redb");
+    let len = std::fs::metadata(&db).expect("db").len();
+    std::fs::OpenOptions::new().write(true).open(&db).expect("open").set_len(len / 2).expect("truncate");
+    let out = c.command(n).output().expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("corrupt"), "started on a corrupt store");
+    let id = c.members[n].id.clone();
+    let out = Command::new(CTL).args(["--endpoints", &c.members[0].client_url, "member", "remove", &id]).output().expect("remove");
+    assert!(out.status.success(), "member remove: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&c.members[n].dir).expect("wipe");
+    let out = Command::new(CTL)
+        .args(["--endpoints", &c.members[1].client_url, "member", "add", &c.members[n].name, &c.members[n].peer_url])
+        .output()
+        .expect("re-add");
+    assert!(out.status.success(), "member re-add: {}", String::from_utf8_lossy(&out.stderr));
+    c.spawn(n);
+    c.put(0, "/m/after", "readded").expect("put");
+    wait_until("the re-added member to catch up", Duration::from_secs(30), || (c.value(n, "/m/after", true).as_deref() == Some("readded")).then_some(()));
+    let list = request("GET", &c.url(0, "/v2/members"), None, Duration::from_secs(5)).expect("members");
+    assert_eq!(list.json().expect("json")["members"].as_array().map(|a| a.len()), Some(4), "{}", list.body);
+}
+
+#[test]
+fn a_cluster_forms_through_the_discovery_service() {
+    let mut c = Cluster::create(3, false);
+    let port = common::free_port("127.0.0.1");
+    let disc_url = format!("http://127.0.0.1:{port}");
+    let mut disc = Command::new(common::BIN).args(["discovery", "--listen-url", &disc_url]).spawn().expect("discovery");
+    let token = wait_until("the discovery service", Duration::from_secs(10), || {
+        let r = request("GET", &format!("{disc_url}/new?size=3"), None, Duration::from_secs(2)).ok()?;
+        (r.status == 200).then(|| r.body.trim().to_string())
+    });
+    for i in 0..3 {
+        let mut cmd = c.command(i);
+        cmd.args(["--discovery", &token]);
+        let log = std::fs::File::create(&c.members[i].log).expect("log");
+        cmd.stderr(log);
+        c.members[i].child = Some(cmd.spawn().expect("spawn"));
+    }
+    c.wait_ready();
+    let r = c.put(1, "/disc", "formed").expect("put");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let m = request("GET", &c.url(2, "/v2/members"), None, Duration::from_secs(5)).expect("members");
+    assert_eq!(m.json().expect("json")["members"].as_array().map(|a| a.len()), Some(3), "{}", m.body);
+    // A fourth registration is refused: the cluster is full. Stale entries can be removed.
+    let r = request("PUT", &format!("{token}/extra"), Some("value=http://127.0.0.1:1"), Duration::from_secs(5)).expect("put");
+    assert_eq!(r.status, 409);
+    let r = request("DELETE", &format!("{token}/{}", c.members[0].name), None, Duration::from_secs(5)).expect("delete");
+    assert_eq!(r.status, 200);
+    let _ = disc.kill();
+    let _ = disc.wait();
+}
