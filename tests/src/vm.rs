@@ -74,6 +74,8 @@ pub struct VmOptions {
     pub foreign: Option<(PathBuf, PathBuf, String)>,
     /// A NIC: (network namespace, tap ifname, MAC); QEMU then runs inside that namespace (see `net`).
     pub tap: Option<(String, String, String)>,
+    /// Extra raw disks, attached read-only after the boot disk (e.g. a NoCloud CIDATA disk).
+    pub extra_disks: Vec<PathBuf>,
 }
 
 impl VmOptions {
@@ -89,6 +91,7 @@ impl VmOptions {
             memory_mib: 512,
             foreign: None,
             tap: None,
+            extra_disks: Vec::new(),
         }
     }
     pub fn uefi(name: &str) -> VmOptions {
@@ -182,6 +185,10 @@ impl Vm {
         spec.shell_socket = Some(shell_socket.clone());
         if let Some((_, ifname, mac)) = &opts.tap {
             spec.net = qemu::Net::Tap { ifname: ifname.clone(), mac: mac.clone() };
+        }
+        for d in &opts.extra_disks {
+            spec.extra.push("-drive".into());
+            spec.extra.push(format!("file={},format=raw,if=virtio,readonly=on", d.display()));
         }
         if let Some(ud) = &opts.user_data {
             spec.fw_cfg_files.push((qemu::USER_DATA_FW_CFG.into(), ud.clone()));

@@ -315,3 +315,28 @@ fn two_vms_on_a_test_bridge_reach_each_other_with_cloud_config_addresses() {
         v.shutdown(DOWN).expect("shutdown");
     }
 }
+
+#[test]
+fn cloud_config_from_a_nocloud_cidata_disk_is_applied() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let dir = image::work_dir("vms/cidata");
+    let ud = dir.join("user-data");
+    std::fs::write(&ud, "#cloud-config\nhostname: from-cidata\nwrite_files:\n  - path: /etc/keel-cidata-test\n    content: nocloud\n").expect("user-data");
+    std::fs::write(dir.join("meta-data"), "instance-id: keel-test\nlocal-hostname: from-cidata\n").expect("meta-data");
+    let disk = dir.join("cidata.img");
+    let _ = std::fs::remove_file(&disk);
+    let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok(Command::new("mkfs.vfat").args(["-n", "CIDATA", "-C"]).arg(&disk).arg("2048")), "mkfs.vfat (dosfstools)");
+    for f in ["user-data", "meta-data"] {
+        assert!(ok(Command::new("mcopy").arg("-i").arg(&disk).arg(dir.join(f)).arg(format!("::{f}"))), "mcopy {f} (mtools)");
+    }
+    let mut v = Vm::start(&VmOptions { extra_disks: vec![disk], ..VmOptions::direct("cidata") }).expect("start VM");
+    ready(&mut v, "cidata");
+    assert!(v.console().contains("applying cloud-config from NoCloud disk"), "{}", v.console());
+    let h = v.run("hostname; cat /etc/keel-cidata-test", CMD).expect("run");
+    assert_eq!(h.stdout.split_whitespace().collect::<Vec<_>>(), ["from-cidata", "nocloud"], "{h:?}");
+    v.shutdown(DOWN).expect("shutdown");
+}
