@@ -21,7 +21,10 @@ mount -t cgroup2 none /sys/fs/cgroup
 work=$(mktemp -d /tmp/keel-bench-containers.XXXXXX)
 init_pid=
 cleanup() {
-  [ -n "$init_pid" ] && kill "$init_pid" 2>/dev/null && wait "$init_pid" 2>/dev/null
+  if [ -n "$init_pid" ]; then
+    "$BIN/initctl" --socket "$work/state/init.sock" poweroff >/dev/null 2>&1 || kill "$init_pid" 2>/dev/null || true
+    wait "$init_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -47,7 +50,7 @@ stats() { sort -n "$1" | awk '{a[NR]=$1} END {printf "%.1f | %.1f", a[int((NR+1)
 mkdir -p "$work/units"
 echo "[Unit]" > "$work/units/default.target"
 printf '[Service]\nType=oneshot\nExecStart=/bin/true\n[Container]\nImage=busybox\n' > "$work/units/true.service"
-unshare --pid --fork --mount-proc --uts "$BIN/init" --units-dir "$work/units" --state-dir "$work/state" \
+unshare --pid --fork --kill-child --mount-proc --uts "$BIN/init" --units-dir "$work/units" --state-dir "$work/state" \
   --cgroup-root /sys/fs/cgroup > "$work/init.log" 2>&1 &
 init_pid=$!
 "$BIN/initctl" --socket "$work/state/init.sock" ping --wait-ready --timeout 30 >/dev/null

@@ -62,6 +62,14 @@ pub enum Request {
     Power {
         action: PowerAction,
     },
+    /// `initctl run`: create a transient container unit `run-N.service` and start it (the reply is its job).
+    Run {
+        spec: crate::runtime::unit::RunSpec,
+    },
+    /// Drop a finished transient unit.
+    Forget {
+        unit: String,
+    },
 }
 
 fn yes() -> bool {

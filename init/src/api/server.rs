@@ -175,6 +175,14 @@ impl Server {
                 }
                 Some(Reply::Records { records })
             }
+            Request::Run { spec } => match sup.add_run_unit(&spec) {
+                Ok(unit) => self.job(i, sup, &unit, JobKind::Start, true),
+                Err(e) => Some(Reply::error("bad-request", e)),
+            },
+            Request::Forget { unit } => Some(match sup.forget(&unit) {
+                Ok(()) => Reply::Ok { message: None },
+                Err(e) => Reply::error("bad-unit", e),
+            }),
             Request::Power { action } => {
                 fx.power = Some(action);
                 Some(Reply::Ok { message: Some(format!("{action:?} requested; stopping all units").to_lowercase()) })

@@ -24,6 +24,8 @@ EXAMPLES
   initctl logs -b -1                   everything from the previous boot
   initctl enable web.service           start it at every boot ([Install] WantedBy=)
   initctl reload                       re-read unit files after editing them
+  initctl image import busybox.tar     add an image (oci-archive, docker save, OCI layout); see docs/containers.md
+  initctl run busybox echo hello       a one-off container in the foreground
   initctl reboot";
 
 #[derive(Parser, Debug)]
@@ -112,6 +114,13 @@ enum Cmd {
         #[arg(long, default_value = "parent")]
         pid: String,
     },
+    /// Manage container images: import, pull, list, inspect, rm, prune (works on the store directly).
+    Image {
+        #[command(subcommand)]
+        cmd: keel_init::images::cli::ImageCmd,
+    },
+    /// Run a one-off container in the foreground: output here, its exit code ours.
+    Run(keel_init::runtime::cli::RunArgs),
     /// Check that init answers; exits 0 once init is up (`--wait-ready` waits for "all units ready").
     Ping {
         #[arg(long)]
@@ -151,6 +160,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Reboot => Request::Power { action: PowerAction::Reboot },
         Cmd::Poweroff => Request::Power { action: PowerAction::Poweroff },
         Cmd::Halt => Request::Power { action: PowerAction::Halt },
+        Cmd::Image { cmd } => return keel_init::images::cli::run(cmd, args.json),
+        Cmd::Run(r) => return keel_init::runtime::cli::run(&args.socket, r),
         Cmd::Ping { wait_ready, timeout } => return ping(&args, *wait_ready, *timeout),
         Cmd::Notify { assignments, pid } => return notify(assignments, pid),
         Cmd::CloudConfig { file } => return check_cloud_config(file, args.json),

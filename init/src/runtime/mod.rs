@@ -64,6 +64,8 @@ pub enum ContainerError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Cgroup(String),
+    #[error("layer {layer} of image {image} is not unpacked in the store; import or pull the image again")]
+    LayerMissing { layer: String, image: String },
     #[error("private network: {0}")]
     Network(String),
     #[error("cannot create the container: clone: {0}")]
@@ -210,7 +212,12 @@ impl Runtime {
         let exec = config.config.clone().unwrap_or_default();
         let mut lowerdirs = Vec::new();
         for l in image.layers.iter().rev() {
-            lowerdirs.push(store.ensure_layer(l)?);
+            // Layers are unpacked on import or pull (by initctl): init itself never links the decompressors.
+            let dir = store.layer_dir(l)?;
+            if !dir.exists() {
+                return Err(ContainerError::LayerMissing { layer: l.clone(), image: spec.image.clone() });
+            }
+            lowerdirs.push(dir);
         }
         if lowerdirs.is_empty() {
             lowerdirs.push(store.empty_dir()?);

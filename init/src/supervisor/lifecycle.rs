@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 use super::state::{Active, ExitInfo, JobKind, OutPipe, Outcome, Phase, Role};
 use super::{now_secs, Supervisor};
 use crate::journal::{LineSplitter, Stream};
+use crate::runtime;
 use crate::spawn::{self, ProcessContext};
 
 /// How long to wait for processes to vanish after SIGKILL before giving up on them.
@@ -126,9 +127,15 @@ impl Supervisor {
             self.run_phase(name, now);
             return;
         }
-        let Some(cmd) = spec.exec_start.first().cloned() else {
-            self.fail_now(name, Outcome::ExecFailed, "service has no ExecStart=");
-            return;
+        let container = self.def(name).is_some_and(runtime::unit::is_container);
+        let cmd = match spec.exec_start.first().cloned() {
+            Some(c) => c,
+            // A container without ExecStart= runs its image's command.
+            None if container => ExecCommand { argv: Vec::new(), ignore_failure: false },
+            None => {
+                self.fail_now(name, Outcome::ExecFailed, "service has no ExecStart=");
+                return;
+            }
         };
         if !self.spawn_or_fail(name, &cmd, Role::Main, now) {
             return;
@@ -210,6 +217,11 @@ impl Supervisor {
         }
         if let Some(pid) = rt.main_pid {
             extra.push(("MAINPID".into(), pid.to_string()));
+        }
+        if rt.phase == Phase::Start {
+            if let Some(def) = self.def(name).filter(|u| runtime::unit::is_container(u)) {
+                return runtime::unit::start(def, name, &cmd.argv, &extra, &out.write, &err.write, cgroup_procs.as_ref());
+            }
         }
         let ctx = ProcessContext {
             unit: name,
@@ -316,7 +328,9 @@ impl Supervisor {
             _ => return,
         };
         let Some((name, role)) = self.pids.remove(&pid) else { return };
-        let oom = self.cgroups.as_ref().is_some_and(|cg| cg.events(&name).oom_kills > 0) && signal == Some(9);
+        // A container's first process: its namespaces are gone; clean up before anything starts a new one.
+        let container_oom = self.def(&name).is_some_and(runtime::unit::is_container) && runtime::unit::on_exit(&name, pid);
+        let oom = (container_oom || self.cgroups.as_ref().is_some_and(|cg| cg.events(&name).oom_kills > 0)) && signal == Some(9);
         let exit = ExitInfo { pid, code, signal, oom_killed: oom, at: now_secs() };
         match role {
             Role::Control => self.on_control_exit(&name, exit, now),
@@ -533,6 +547,9 @@ impl Supervisor {
 
     /// The unit has no processes left: decide between inactive, failed and a scheduled restart.
     fn after_down(&mut self, name: &str, now: Instant) {
+        if self.def(name).is_some_and(runtime::unit::is_container) {
+            runtime::unit::cleanup(name);
+        }
         if let Some(cg) = &self.cgroups {
             cg.remove(name);
         }
@@ -614,6 +631,40 @@ impl Supervisor {
             }
             self.journal_append(name, stream, &line);
         }
+    }
+}
+
+/// Where transient units (`initctl run`) say they come from; no file is written there.
+pub const TRANSIENT_DIR: &str = "/run/keel/transient";
+
+impl Supervisor {
+    /// Add a transient container unit for `initctl run`; returns its name (`run-N.service`).
+    pub fn add_run_unit(&mut self, spec: &runtime::unit::RunSpec) -> Result<String, String> {
+        let name = (1..).map(|n| format!("run-{n}.service")).find(|n| !self.units.contains_key(n)).unwrap_or_default();
+        let text = runtime::unit::run_unit_text(spec)?;
+        let uname = keel_model::UnitName::parse(&name)?;
+        let path = std::path::PathBuf::from(TRANSIENT_DIR).join(&name);
+        let ini = keel_model::IniFile::parse(&path, &text).map_err(|d| d.to_string())?;
+        let (unit, diags) = keel_model::Unit::from_ini(uname, &[ini], &self.cfg.hostname);
+        let unit = unit.ok_or_else(|| diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+        let entries = unit.extra_sections.get(runtime::unit::SECTION).cloned().unwrap_or_default();
+        runtime::ContainerSpec::parse(&entries).map_err(|e| e.to_string())?;
+        self.units.insert(name.clone(), super::state::UnitRuntime::new(Ok(unit)));
+        Ok(name)
+    }
+
+    /// Drop a transient unit that has finished (`initctl run --rm`).
+    pub fn forget(&mut self, name: &str) -> Result<(), String> {
+        let rt = self.units.get(name).ok_or_else(|| format!("unit {name} not found"))?;
+        let transient = rt.def.as_ref().is_ok_and(|u| u.sources.iter().all(|s| s.starts_with(TRANSIENT_DIR)));
+        if !transient {
+            return Err(format!("{name} is not a transient unit"));
+        }
+        if rt.is_up() || rt.job.is_some() {
+            return Err(format!("{name} is still running"));
+        }
+        self.units.remove(name);
+        Ok(())
     }
 }
 

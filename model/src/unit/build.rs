@@ -598,7 +598,8 @@ impl<'h> Builder<'h> {
 
     fn finish_service(&mut self, main: &Path) {
         let mut svc = std::mem::take(&mut self.svc);
-        if !self.type_set && svc.exec_start.is_empty() {
+        let container = self.unit.extra_sections.contains_key("Container");
+        if !self.type_set && svc.exec_start.is_empty() && !container {
             svc.kind = ServiceType::Oneshot;
         }
         if let Some(interval) = self.start_limit_interval {
@@ -620,7 +621,7 @@ impl<'h> Builder<'h> {
             self.push(file, line, Severity::Error, message);
         }
         let stop_only_oneshot = svc.kind == ServiceType::Oneshot && !svc.exec_stop.is_empty();
-        if n == 0 && !stop_only_oneshot && !self.exec_start_rejected {
+        if n == 0 && !stop_only_oneshot && !self.exec_start_rejected && !container {
             self.push(
                 main.to_path_buf(),
                 0,
