@@ -85,8 +85,17 @@ impl Supervisor {
         }
         if let Some(cg) = &self.cgroups {
             let warnings = cg.prepare_unit(name, spec).map_err(|e| e.to_string())?;
-            for w in warnings {
-                self.log(name, &w);
+            // Container units get MemoryMax=/TasksMax= from cgroup v1 where cgroup2 lacks the controller
+            // (runtime::v1): no warning for the limits that fallback enforces.
+            let container = self.def(name).is_some_and(runtime::unit::is_container);
+            let enforced = |w: &String| {
+                container
+                    && [("MemoryMax=", "memory"), ("TasksMax=", "pids")]
+                        .iter()
+                        .any(|(key, ctl)| w.starts_with(key) && runtime::v1::dir(ctl, name).is_some())
+            };
+            for w in warnings.iter().filter(|w| !enforced(w)) {
+                self.log(name, w);
             }
         }
         Ok(())
