@@ -11,22 +11,9 @@ use keel_updater::payload::{
     verify_stream, KeyPair, PayloadError, PayloadHead, TrustedKeys, HEADER_LEN,
 };
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // half compressible: runs of text-like bytes
-            if (i / 4096) % 2 == 0 {
-                (x & 0xff) as u8
-            } else {
-                b'a' + (i % 7) as u8
-            }
-        })
-        .collect()
-}
+mod common;
+
+use common::pseudo_random;
 
 struct Fixture {
     _dir: tempfile::TempDir,
