@@ -46,8 +46,11 @@ test: build
 test-fast: build
 	$(CARGO) test --release --workspace --exclude keel-tests -- --test-threads=2
 
+# The image trusts the update keys in out/keys; a development key pair is generated there on first use
+# (keep out/keys/*.key secret; sign payloads with it: docs/updater.md "Publishing an update").
 image: build
-	$(RELEASE_DIR)/mkimage --out out
+	@ls out/keys/*.pub >/dev/null 2>&1 || $(RELEASE_DIR)/mkpayload keygen --out out/keys
+	$(RELEASE_DIR)/mkimage --out out --update-key out/keys
 
 # Boot the image in QEMU (direct kernel boot) as a single-node machine; the console is this terminal, logged in
 # as root (try `initctl list`, `clusterctl status`). Ctrl-A X quits. `make run-uefi` takes the firmware path.

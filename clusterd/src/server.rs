@@ -72,6 +72,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Client listen addresses.
     pub client_addrs: Vec<SocketAddr>,
+    /// Client listen addresses that may not exist yet (the container bridge's 10.88.0.1, created with the
+    /// first private container): bound with IP_FREEBIND so they answer once the address appears; a failure
+    /// to bind one is logged, not fatal.
+    pub late_client_addrs: Vec<SocketAddr>,
     /// Client URLs advertised to others.
     pub advertise_client_urls: Vec<String>,
     /// Peer listen address.
@@ -540,6 +544,18 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>, peer: bool) {
     }
 }
 
+/// Listen on `addr` whether or not it is (yet) an address of this machine: connections are accepted as soon
+/// as it is (IP_FREEBIND, as systemd's `FreeBind=`).
+fn bind_freebind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    if addr.is_ipv4() {
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
+    }
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
 /// Leader duty: propose expiry of keys whose TTL has passed. Every member runs it; only the leader acts.
 async fn expiry_loop(ctx: Arc<Ctx>) {
     loop {
@@ -651,6 +667,14 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     for a in &cfg.client_addrs {
         let l = TcpListener::bind(a).await.map_err(|source| ServerError::Bind { addr: *a, source })?;
         tokio::spawn(serve(l, ctx.clone(), false));
+    }
+    for a in &cfg.late_client_addrs {
+        match bind_freebind(*a) {
+            Ok(l) => {
+                tokio::spawn(serve(l, ctx.clone(), false));
+            }
+            Err(e) => tracing::warn!("not serving clients on {a}: {e}"),
+        }
     }
 
     if !has_state && cfg.state == ClusterState::New {

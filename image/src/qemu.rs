@@ -53,6 +53,9 @@ pub enum Net {
     None,
     /// A tap device (made by the caller, e.g. inside a test network namespace).
     Tap { ifname: String, mac: String },
+    /// QEMU's user-mode network (slirp): the guest is 10.0.2.15/24 and reaches the host's loopback at
+    /// 10.0.2.2 (e.g. an update server on 127.0.0.1). Nothing listens on the host for the guest.
+    User,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +134,10 @@ impl VmSpec {
             Net::Tap { ifname, mac } => {
                 push(&["-netdev", &format!("tap,id=n0,ifname={ifname},script=no,downscript=no")]);
                 push(&["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")]);
+            }
+            Net::User => {
+                push(&["-netdev", "user,id=n0,ipv6=off"]);
+                push(&["-device", "virtio-net-pci,netdev=n0"]);
             }
         }
         a.extend(self.extra.iter().cloned());

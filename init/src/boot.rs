@@ -127,6 +127,43 @@ pub fn ensure_machine_id(path: &Path) -> Option<String> {
         }
     }
     let id = new_machine_id();
-    fs::write(path, format!("{id}\n")).ok()?;
+    let text = format!("{id}\n");
+    // A bind-mounted /etc/machine-id cannot be renamed over: write it in place then.
+    write_durably(path, text.as_bytes()).or_else(|_| fs::write(path, &text)).ok()?;
     Some(id)
+}
+
+/// Write `path` so a power cut leaves either the old file or the whole new one: a temporary file in the same
+/// directory, fsync, rename, fsync the directory. The machine id must survive a kill during the first boot,
+/// or the update server and the cluster would see a second machine.
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("machine-id")
+    ));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod machine_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_new_machine_id_is_written_whole_and_kept_on_the_next_boot() {
+        let dir = std::env::temp_dir().join(format!("keel-mid-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("machine-id");
+        let first = ensure_machine_id(&path).expect("id written");
+        assert_eq!(first.len(), 32);
+        assert_eq!(fs::read_to_string(&path).expect("read back"), format!("{first}\n"));
+        assert!(!dir.join(".machine-id.tmp").exists(), "no temporary file left behind");
+        assert_eq!(ensure_machine_id(&path), Some(first), "an existing id is kept");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

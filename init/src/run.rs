@@ -3,8 +3,8 @@
 //!
 //! Owns: the mode init runs in (system PID 1, PID 1 of a namespace, or a plain supervisor), the one reaper
 //! (every wait(2) happens here, so no exit status is lost and no pid is reused under us), signal handling,
-//! the "all units ready" marker and the shutdown sequence. Does not: know about unit semantics (see
-//! `supervisor`) or the wire protocol (see `api`).
+//! the "all units ready" marker, when start-up pages are handed back (at ready and when idle after work), and the
+//! shutdown sequence. Does not: know about unit semantics (see `supervisor`) or the wire protocol (see `api`).
 
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::PathBuf;
@@ -127,6 +127,8 @@ pub struct Init {
     orphans_reaped: u64,
     /// Unit commands from cloud-config, run after the first unit load.
     boot_commands: Vec<(String, String)>,
+    /// Whether start-up-only pages were handed back since init last did any work (see `release_when_quiet`).
+    pages_released: bool,
 }
 
 /// Longest a whole shutdown may take before init stops waiting for units and goes on.
@@ -212,7 +214,7 @@ impl Init {
         for n in notes {
             sup.log("init", &n);
         }
-        Ok(Init { opts, sup, server, notify, sigfd, started, shutdown: None, orphans_reaped: 0, boot_commands })
+        Ok(Init { opts, sup, server, notify, sigfd, started, shutdown: None, orphans_reaped: 0, boot_commands, pages_released: false })
     }
 
     /// Load units and start the target. Then serve until shutdown. Returns only in Namespace/Supervisor mode.
@@ -271,6 +273,7 @@ impl Init {
             }
             pfds.iter().map(|p| p.revents().unwrap_or(PollFlags::empty())).collect()
         };
+        self.release_when_quiet(ready.iter().all(|r| r.is_empty()));
         let mut fx = Effects::default();
         for ((fd, _, src), rev) in sources.into_iter().zip(ready) {
             if rev.is_empty() {
@@ -329,9 +332,24 @@ impl Init {
                 self.started.elapsed().as_millis()
             );
             self.sup.log("init", &msg);
+            // Boot is over: what only start-up ran need not stay resident (docs/benchmarks.md, init).
+            sys::release_startup_pages();
+            self.pages_released = true;
         }
         self.sup.journal_flush();
         self.server.pump(&mut self.sup);
+    }
+
+    /// After a poll that timed out with nothing to do, once per burst of work (a reload, API commands, unit
+    /// restarts): unmap the code pages that work touched and return free heap, so the resident set of an idle
+    /// init stays what its idle loop needs. The pages stay in the page cache; a minor fault maps them back.
+    fn release_when_quiet(&mut self, timed_out: bool) {
+        if !timed_out {
+            self.pages_released = false;
+        } else if !self.pages_released && self.server.ready && self.shutdown.is_none() && self.sup.is_idle() {
+            sys::release_startup_pages();
+            self.pages_released = true;
+        }
     }
 
     /// The one reaper: collect every exited child and hand its status to the supervisor.

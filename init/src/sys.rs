@@ -1,6 +1,7 @@
 //! The syscall boundary: the few calls that no safe wrapper covers, each wrapped once with a `// SAFETY:` line.
 //!
-//! Owns: fork, signal-mask reset in a child, subreaper, reboot(2), and the child-side exec sequence.
+//! Owns: fork, signal-mask reset in a child, subreaper, reboot(2), the child-side exec sequence, and handing
+//! start-up-only pages back to the kernel once boot is over (`release_startup_pages`).
 //! Does not: decide what to run or when (see `spawn` and `supervisor`).
 
 use std::ffi::CString;
@@ -204,5 +205,81 @@ pub fn loopback_up() -> Result<(), Errno> {
         Err(err)
     } else {
         Ok(())
+    }
+}
+
+/// What `release_startup_pages` handed back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Released {
+    /// Bytes of init's own read-only mappings (code, read-only data) unmapped.
+    pub image_bytes: usize,
+}
+
+/// Unmap the pages of init's own executable that start-up touched (code and read-only data that only boot,
+/// unit parsing or cgroup setup needed) and return free heap pages to the kernel. The pages stay in the page
+/// cache, so code that runs again is mapped back on its first use (a minor fault); what the steady state never
+/// runs stops counting in init's resident set and can be reclaimed by the kernel.
+///
+/// Only the executable's file-backed, never-written mappings below its code are touched: the relocated
+/// read-only data (RELRO), .data, .bss, heap and stack are left alone, so no state can be lost.
+pub fn release_startup_pages() -> Released {
+    let mut out = Released::default();
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return out };
+    let here = release_startup_pages as fn() -> Released as usize;
+    let vmas: Vec<(usize, usize, &str, (&str, &str))> = maps.lines().filter_map(parse_maps_line).collect();
+    let Some(&(text_start, _, _, text_id)) = vmas.iter().find(|v| v.0 <= here && here < v.1) else { return out };
+    for &(start, end, perms, id) in &vmas {
+        if id != text_id || start > text_start || perms.contains('w') {
+            continue;
+        }
+        // SAFETY: [start, end) is a whole mapping of our own executable file that is never written (no 'w'
+        // permission; it is the code or lies below it, and the static-PIE is linked with `-z text`, so no
+        // relocation writes there); MADV_DONTNEED on such a private file mapping only drops page-table entries,
+        // and the next access maps the same file page again.
+        if unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) } == 0 {
+            out.image_bytes += end - start;
+        }
+    }
+    // SAFETY: malloc_trim only returns free memory at the top of glibc's heap and in its arenas to the kernel.
+    unsafe { libc::malloc_trim(0) };
+    out
+}
+
+/// `start-end perms offset dev inode path` → (start, end, perms, (dev, inode)) for file-backed mappings.
+fn parse_maps_line(line: &str) -> Option<(usize, usize, &str, (&str, &str))> {
+    let mut it = line.split_ascii_whitespace();
+    let range = it.next()?;
+    let perms = it.next()?;
+    let _offset = it.next()?;
+    let dev = it.next()?;
+    let inode = it.next()?;
+    if inode == "0" {
+        return None;
+    }
+    let (a, b) = range.split_once('-')?;
+    let start = usize::from_str_radix(a, 16).ok()?;
+    let end = usize::from_str_radix(b, 16).ok()?;
+    Some((start, end, perms, (dev, inode)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_parse_file_backed_only() {
+        let l = "7f00a000-7f00b000 r-xp 000b5000 fe:01 1234567    /usr/bin/init";
+        assert_eq!(parse_maps_line(l), Some((0x7f00a000, 0x7f00b000, "r-xp", ("fe:01", "1234567"))));
+        assert_eq!(parse_maps_line("55aa0000-55ab0000 rw-p 00000000 00:00 0    [heap]"), None);
+    }
+
+    #[test]
+    fn releasing_start_up_pages_keeps_the_process_working() {
+        let before: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        let r = release_startup_pages();
+        assert!(r.image_bytes > 0, "the test binary's own code mappings should have been released");
+        // Code and read-only data come back on use; heap data is untouched.
+        let after: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        assert_eq!(before, after);
     }
 }

@@ -2,14 +2,18 @@
 //!
 //! Owns: systemd INI syntax (`ini`), time spans (`duration`), unit names and specifiers (`name`), the typed
 //! meaning of `[Unit]`, `[Service]` and `[Install]` (`unit`), and finding unit files on disk with drop-ins and
-//! templates (`load`), plus the shared value syntax (`values`: booleans, quoting, sizes). Everything here is
-//! pure or read-only on the filesystem.
+//! templates (`load`), plus the shared value syntax (`values`: booleans, quoting, sizes) and fleet's KV
+//! contract (`fleet`: key layout, records, `drain_progress`). Everything here is pure or read-only on the
+//! filesystem. `lock` holds the cluster reboot lock's semaphore (locksmith's JSON value,
+//! pure lock/unlock/set-max), shared by the updater's reboot manager and clusterd's FleetLock endpoints.
 //! Does not: start processes, touch cgroups, or interpret `[Container]` / `[X-Fleet]` beyond keeping their raw
 //! keys (those belong to init's runtime and clusterd's scheduler).
 
 pub mod duration;
+pub mod fleet;
 pub mod ini;
 pub mod load;
+pub mod lock;
 pub mod name;
 pub mod unit;
 pub mod values;

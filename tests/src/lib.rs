@@ -5,7 +5,12 @@
 //!   always killed on drop and the console log is kept under target/keel-tests/.
 //! - `net`: a test-made network namespace with a bridge and one tap per VM.
 //! - `image`: build the image under test with mkimage (once per test process).
+//! - `cluster`: several VMs on a test bridge forming one Keel cluster, restarted when they reboot, with a
+//!   timeline of what happened to each.
+//! - `probe`: the client outside the VMs (`keel-probe`, src/bin) and what tests compute from its records.
 
+pub mod cluster;
 pub mod image;
 pub mod net;
+pub mod probe;
 pub mod vm;

@@ -76,6 +76,10 @@ pub struct VmOptions {
     pub tap: Option<(String, String, String)>,
     /// Extra raw disks, attached read-only after the boot disk (e.g. a NoCloud CIDATA disk).
     pub extra_disks: Vec<PathBuf>,
+    /// Boot this image instead of the one under test (`image::image()`), e.g. an older release.
+    pub image: Option<Manifest>,
+    /// QEMU user-mode network: the guest (10.0.2.15) reaches the host's 127.0.0.1 at 10.0.2.2.
+    pub user_net: bool,
 }
 
 impl VmOptions {
@@ -92,6 +96,8 @@ impl VmOptions {
             foreign: None,
             tap: None,
             extra_disks: Vec::new(),
+            image: None,
+            user_net: false,
         }
     }
     pub fn uefi(name: &str) -> VmOptions {
@@ -143,7 +149,10 @@ pub fn raw_copy(name: &str) -> Result<Disk, VmError> {
 impl Vm {
     /// Start QEMU. Returns as soon as the process runs; wait for markers next.
     pub fn start(opts: &VmOptions) -> Result<Vm, VmError> {
-        let m: &Manifest = image::image().map_err(VmError::Setup)?;
+        let m: &Manifest = match &opts.image {
+            Some(m) => m,
+            None => image::image().map_err(VmError::Setup)?,
+        };
         let dir = image::work_dir(&format!("vms/{}", opts.name));
         let disk = match &opts.disk {
             Some(d) => d.clone(),
@@ -185,6 +194,9 @@ impl Vm {
         spec.shell_socket = Some(shell_socket.clone());
         if let Some((_, ifname, mac)) = &opts.tap {
             spec.net = qemu::Net::Tap { ifname: ifname.clone(), mac: mac.clone() };
+        }
+        if opts.user_net {
+            spec.net = qemu::Net::User;
         }
         for d in &opts.extra_disks {
             spec.extra.push("-drive".into());
@@ -236,6 +248,11 @@ impl Vm {
         })
     }
 
+    /// QEMU's process id (`ip netns exec` execs QEMU, so this is QEMU even inside a namespace).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn console_log(&self) -> &Path {
         &self.console_log
     }
@@ -264,6 +281,16 @@ impl Vm {
             });
         }
         Ok(())
+    }
+
+    /// QEMU's exit status if it has exited (e.g. the guest rebooted: QEMU runs with -no-reboot), else None.
+    pub fn exited(&mut self) -> Option<String> {
+        if self.exit_status.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.exit_status = Some(st.to_string());
+            }
+        }
+        self.exit_status.clone()
     }
 
     /// Wait until the console shows any of `markers`; returns (which, time since QEMU started).

@@ -6,9 +6,11 @@
 //! - [`omaha`]: Omaha v3 request/response XML as CoreOS/Flatcar speak it.
 //! - [`server`]: the `updateserver` state and HTTP service.
 //! - [`engine`]: the `update-engine` state machine, downloads and the local control API.
+//! - [`reboot`]: the reboot manager (strategies, windows, the cluster reboot lock, drain) and `locksmithctl`'s client.
 
 pub mod engine;
 pub mod omaha;
 pub mod payload;
+pub mod reboot;
 pub mod server;
 pub mod slot;

@@ -2,8 +2,9 @@
 //! `/metrics` and Keel's `/keel/status`.
 //!
 //! Owns: routing, etcd's headers (`X-Etcd-Cluster-Id`, `X-Etcd-Index`, `X-Raft-Index`, `X-Raft-Term`), status
-//! codes, error JSON, long-poll watches, forwarding of writes and linearizable reads from a follower to the
-//! leader, and the body size limit. Request parsing lives in [`params`]; [`local_keys`] is the pure
+//! codes, error JSON, long-poll and streaming (`stream=true`) watches, each dropped as soon as its client
+//! disconnects, forwarding of writes and linearizable reads from a follower to the leader, and the body size
+//! limit. Request parsing lives in [`params`]; [`local_keys`] is the pure
 //! request→response path the unit tests replay etcd's recorded pairs against.
 //! Does not: apply writes itself — every write is a Raft proposal (see `server::Ctx::propose`).
 
@@ -52,7 +53,7 @@ pub fn local_keys(store: &mut Store, method: &str, key_path: &str, query: &str, 
             Ok(ev) => LocalReply { status: 200, body: ev.to_json(), etcd_index: store.index() },
             Err(e) => err(e),
         },
-        Ok(KeysRequest::Watch { key, recursive, wait_index }) => {
+        Ok(KeysRequest::Watch { key, recursive, wait_index, .. }) => {
             let since = wait_index.unwrap_or(store.index() + 1);
             match store.scan_history(&key, recursive, since) {
                 Ok(Some(ev)) => LocalReply { status: 200, body: ev.to_json(), etcd_index: store.index() },
@@ -110,6 +111,12 @@ fn finish(ctx: &Ctx, r: Reply) -> Response<Body> {
 /// Handle one client request. `forwarded` is true when a follower proxied it here (never forward again).
 pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if path.starts_with("/keel/fleet/") {
+        return crate::fleet::http::handle(req).await;
+    }
+    if path == "/v1/pre-reboot" || path == "/v1/steady-state" {
+        return crate::fleetlock::handle(ctx, req, forwarded).await;
+    }
     let reply = if path == "/v2/keys" || path.starts_with("/v2/keys/") {
         return keys(ctx, req, forwarded).await;
     } else if path == "/v2/members" || path.starts_with("/v2/members/") {
@@ -240,61 +247,115 @@ async fn keys(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Respons
                 Err(e) => Reply::error(&e),
             }
         }
-        Ok(KeysRequest::Watch { key, recursive, wait_index }) => return watch(ctx, key, recursive, wait_index).await,
+        Ok(KeysRequest::Watch { key, recursive, wait_index, stream }) => {
+            return watch(ctx, WatchSpec { key, recursive, stream }, wait_index).await
+        }
     };
     finish(&ctx, reply)
 }
 
-async fn watch(ctx: Arc<Ctx>, key: String, recursive: bool, wait_index: Option<u64>) -> Response<Body> {
-    let mut rx = ctx.sm.applied_tx.subscribe();
-    let (accepted, first) = {
-        let d = match ctx.sm.data.read() {
-            Ok(d) => d,
-            Err(_) => return finish(&ctx, Reply::error(&EtcdError::new(code::RAFT_INTERNAL, "lock poisoned", 0))),
-        };
-        let idx = d.store.index();
-        let since = wait_index.unwrap_or(idx + 1);
-        match d.store.scan_history(&key, recursive, since) {
-            Err(e) => return finish(&ctx, Reply::error(&e)),
-            Ok(ev) => (idx, (since, ev)),
+/// What one watch asked for.
+struct WatchSpec {
+    key: String,
+    recursive: bool,
+    /// `stream=true`: every event until the client leaves, not just the first.
+    stream: bool,
+}
+
+async fn watch(ctx: Arc<Ctx>, spec: WatchSpec, wait_index: Option<u64>) -> Response<Body> {
+    let applied = ctx.sm.applied_tx.subscribe();
+    let (accepted, since) = match ctx.sm.data.read() {
+        Ok(d) => {
+            let idx = d.store.index();
+            let since = wait_index.unwrap_or(idx + 1);
+            // A waitIndex older than the history is refused before the response starts (etcd's 401).
+            if let Err(e) = d.store.scan_history(&spec.key, spec.recursive, since) {
+                return finish(&ctx, Reply::error(&e));
+            }
+            (idx, since)
         }
+        Err(_) => return finish(&ctx, Reply::error(&EtcdError::new(code::RAFT_INTERNAL, "lock poisoned", 0))),
     };
-    let (mut tx, chan) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WATCH_BUFFER);
     let reply = Reply { etcd_index: Some(accepted), raft_headers: true, ..Reply::json(200, String::new()) };
-    let mut resp = finish(&ctx, Reply { body: chan.boxed(), ..reply });
+    let mut resp = finish(&ctx, Reply { body: WatchBody { rx }.boxed(), ..reply });
     resp.headers_mut().remove("content-length");
-    let (mut since, first) = first;
-    let c2 = ctx.clone();
-    tokio::spawn(async move {
-        c2.watchers.fetch_add(1, Ordering::Relaxed);
-        let mut found = first;
-        while found.is_none() {
-            if rx.changed().await.is_err() {
-                break;
-            }
-            let r = match c2.sm.data.read() {
-                Ok(d) => {
-                    let r = d.store.scan_history(&key, recursive, since);
-                    let idx = d.store.index();
-                    (r, idx)
-                }
-                Err(_) => break,
-            };
-            match r {
-                (Ok(Some(ev)), _) => found = Some(ev),
-                (Ok(None), idx) => since = since.max(idx + 1),
-                (Err(e), _) => {
-                    let _ = tx.send_data(Bytes::from(e.to_json())).await;
-                    break;
-                }
-            }
-        }
-        if let Some(ev) = found {
-            let _ = tx.send_data(Bytes::from(ev.to_json())).await;
-        }
-        c2.watchers.fetch_sub(1, Ordering::Relaxed);
-    });
+    tokio::spawn(watch_task(ctx, spec, since, tx, applied));
     resp
+}
+
+/// Events a streaming watch may have queued for a slow client before it waits (and the history may run out).
+const WATCH_BUFFER: usize = 16;
+
+/// A watch response body: the chunks the watch task hands over. hyper drops it as soon as the client's
+/// connection closes, which is how the task learns that nobody is listening any more.
+struct WatchBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// Counts a watch in `/metrics` for as long as its task lives.
+struct Watching(Arc<Ctx>);
+
+impl Watching {
+    fn new(ctx: Arc<Ctx>) -> Watching {
+        ctx.watchers.fetch_add(1, Ordering::Relaxed);
+        Watching(ctx)
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Send the events a watch sees, from `since` on: the first one only, or with `stream` every one, each as its
+/// own JSON line. Ends when the client disconnects (the body is dropped), even if no event ever comes.
+async fn watch_task(
+    ctx: Arc<Ctx>,
+    spec: WatchSpec,
+    mut since: u64,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+) {
+    let watching = Watching::new(ctx);
+    loop {
+        let scanned = match watching.0.sm.data.read() {
+            Ok(d) => (d.store.scan_history(&spec.key, spec.recursive, since), d.store.index()),
+            Err(_) => return,
+        };
+        match scanned {
+            (Ok(Some(ev)), _) => {
+                since = ev.index() + 1;
+                if tx.send(Bytes::from(ev.to_json())).await.is_err() || !spec.stream {
+                    return;
+                }
+                continue;
+            }
+            (Ok(None), idx) => since = since.max(idx + 1),
+            // The client fell more than the history behind: say so and end, as etcd ends such a stream.
+            (Err(e), _) => {
+                let _ = tx.send(Bytes::from(e.to_json())).await;
+                return;
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]

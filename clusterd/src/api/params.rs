@@ -36,6 +36,8 @@ pub enum KeysRequest {
         recursive: bool,
         /// First index of interest (`waitIndex`); `None` = next event.
         wait_index: Option<u64>,
+        /// `stream=true`: keep the response open and send every event as its own JSON line.
+        stream: bool,
     },
     /// A write, to be replicated.
     Write(KvOp),
@@ -146,7 +148,7 @@ pub fn parse(method: &str, key_path: &str, query: &str, form_body: Option<&[u8]>
     let wait = f.bool("wait")?.unwrap_or(false);
     let dir = f.bool("dir")?.unwrap_or(false);
     let quorum = f.bool("quorum")?;
-    let _stream = f.bool("stream")?;
+    let stream = f.bool("stream")?.unwrap_or(false);
     if wait && method != "GET" {
         return Err(EtcdError::new(code::INVALID_FIELD, "\"wait\" can only be used with GET requests", 0));
     }
@@ -195,7 +197,7 @@ pub fn parse(method: &str, key_path: &str, query: &str, form_body: Option<&[u8]>
     };
     Ok(match method {
         // waitIndex=0 means "from now on", as in etcd.
-        "GET" | "HEAD" if wait => KeysRequest::Watch { key, recursive, wait_index: wait_index.filter(|i| *i > 0) },
+        "GET" | "HEAD" if wait => KeysRequest::Watch { key, recursive, wait_index: wait_index.filter(|i| *i > 0), stream },
         "GET" | "HEAD" => KeysRequest::Get {
             key,
             recursive,

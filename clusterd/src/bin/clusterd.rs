@@ -4,6 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+
+use keel_clusterd::fleet::agent::{self, AgentConfig};
+use keel_clusterd::fleet::units::parse_metadata;
 use keel_clusterd::server::{self, ClusterState, Config};
 
 const LONG_ABOUT: &str = "\
@@ -28,6 +32,10 @@ EXAMPLES
     curl 'http://10.0.0.1:8087/new?size=3'        # prints a token URL
     clusterd --name a ... --discovery http://10.0.0.1:8087/<token>   (on each of the 3 members)
 
+  Fleet: every member also runs the fleet engine (acting only while it leads) and, when init's socket exists,
+  the fleet agent, which runs the units fleet assigns to this machine (see fleetctl --help, docs/fleet.md):
+    clusterd --name a --machine-id m1 --fleet-metadata region=eu,disk=ssd --init-socket /run/keel/init.sock
+
   Then:
     curl -X PUT http://127.0.0.1:2379/v2/keys/message -d value=hello
     ETCDCTL_API=2 etcdctl --endpoints http://127.0.0.1:2379 get /message";
@@ -42,9 +50,11 @@ struct Args {
     /// Directory holding this member's store (clusterd.redb).
     #[arg(long, default_value = "/var/lib/keel/clusterd")]
     data_dir: PathBuf,
-    /// Comma-separated URLs to serve the client API on.
-    #[arg(long, default_value = "http://127.0.0.1:2379")]
-    listen_client_urls: String,
+    /// Comma-separated URLs to serve the client API on. Default: http://127.0.0.1:2379, plus
+    /// http://10.88.0.1:2379 (the container bridge keel0, where containers find KEEL_KV_URL), served as soon as
+    /// that address exists on this machine and never advertised to other members.
+    #[arg(long)]
+    listen_client_urls: Option<String>,
     /// Client URLs advertised in /v2/members (default: --listen-client-urls).
     #[arg(long)]
     advertise_client_urls: Option<String>,
@@ -73,6 +83,28 @@ struct Args {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Run the fleet agent (default: when --init-socket exists). The fleet engine always runs and acts only
+    /// while this member leads.
+    #[arg(long, overrides_with = "no_fleet_agent")]
+    fleet_agent: bool,
+    /// Do not run the fleet agent on this machine.
+    #[arg(long)]
+    no_fleet_agent: bool,
+    /// init's control socket, which the fleet agent drives.
+    #[arg(long, default_value = "/run/keel/init.sock")]
+    init_socket: PathBuf,
+    /// This machine's fleet id (default: the contents of /etc/machine-id).
+    #[arg(long)]
+    machine_id: Option<String>,
+    /// Fleet metadata as key=value,... (adds to METADATA= from --fleet-env-file).
+    #[arg(long)]
+    fleet_metadata: Option<String>,
+    /// Directory the fleet agent writes assigned unit files to; init must load it (--units-dir).
+    #[arg(long, default_value = "/run/keel/units")]
+    fleet_units_dir: PathBuf,
+    /// cloud-config's fleet section as an env file (METADATA=, PUBLIC_IP=); ignored when missing.
+    #[arg(long, default_value = "/run/keel/config/fleet.env")]
+    fleet_env_file: PathBuf,
     #[command(subcommand)]
     cmd: Option<Sub>,
 }
@@ -90,8 +122,17 @@ enum Sub {
     },
 }
 
+/// The client URL served by default.
+const DEFAULT_CLIENT_URL: &str = "http://127.0.0.1:2379";
+/// Also served by default, once the container bridge (docs/containers.md) gives this machine the address.
+const BRIDGE_CLIENT_URL: &str = "http://10.88.0.1:2379";
+
 fn config(a: &Args) -> anyhow::Result<Config> {
-    let client_urls: Vec<String> = a.listen_client_urls.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
+    let (listen, late_client_addrs) = match &a.listen_client_urls {
+        Some(urls) => (urls.as_str(), Vec::new()),
+        None => (DEFAULT_CLIENT_URL, vec![server::parse_url_addr(BRIDGE_CLIENT_URL)?]),
+    };
+    let client_urls: Vec<String> = listen.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
     let client_addrs = client_urls.iter().map(|u| server::parse_url_addr(u)).collect::<Result<Vec<_>, _>>()?;
     let advertise = match &a.advertise_client_urls {
         Some(s) => s.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).collect(),
@@ -116,6 +157,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         name: a.name.clone(),
         data_dir: a.data_dir.clone(),
         client_addrs,
+        late_client_addrs,
         advertise_client_urls: advertise,
         peer_addr,
         peer_url,
@@ -144,6 +186,75 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
         "store {} is corrupt or truncated ({detail}); refusing to start. Move it away and re-add this member empty",
         db.display()
     )
+}
+
+/// `KEY=value` lines (quotes stripped) of an env file; empty when it does not exist.
+fn read_env_file(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').trim_matches('\'').to_string()))
+        .collect())
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let hostport = rest.split('/').next()?;
+    let host = hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(hostport);
+    Some(host.trim_matches(['[', ']']).to_string())
+}
+
+/// The fleet agent's configuration, or `None` when it is not to run.
+fn fleet_agent_config(a: &Args, cfg: &Config) -> anyhow::Result<Option<AgentConfig>> {
+    let wanted = if a.no_fleet_agent { false } else { a.fleet_agent || a.init_socket.exists() };
+    if !wanted {
+        return Ok(None);
+    }
+    let env = read_env_file(&a.fleet_env_file)?;
+    let mut metadata = BTreeMap::new();
+    for src in [env.get("METADATA").cloned(), a.fleet_metadata.clone()].into_iter().flatten() {
+        metadata.extend(parse_metadata(&src).map_err(|e| anyhow::anyhow!("fleet metadata: {e}"))?);
+    }
+    let machine_id = match &a.machine_id {
+        Some(m) => m.clone(),
+        None => match std::fs::read_to_string("/etc/machine-id") {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+            _ => {
+                eprintln!("clusterd: /etc/machine-id is missing; fleet uses the member name {:?} as machine id", cfg.name);
+                cfg.name.clone()
+            }
+        },
+    };
+    let local = cfg.client_addrs.first().copied().context("no client URL to reach this member on")?;
+    let local = if local.ip().is_unspecified() { std::net::SocketAddr::new([127, 0, 0, 1].into(), local.port()) } else { local };
+    let mut addresses: Vec<String> = env.get("PUBLIC_IP").or_else(|| env.get("PUBLIC-IP")).into_iter().cloned().collect();
+    for u in &cfg.advertise_client_urls {
+        if let Some(h) = host_of(u) {
+            if !addresses.contains(&h) {
+                addresses.push(h);
+            }
+        }
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    Ok(Some(AgentConfig {
+        machine_id,
+        hostname,
+        addresses,
+        metadata,
+        capacity: agent::detect_capacity(),
+        version: agent::detect_version(),
+        endpoint: cfg.advertise_client_urls.first().cloned().unwrap_or_default(),
+        kv_endpoints: vec![format!("http://{local}")],
+        init_socket: a.init_socket.clone(),
+        units_dir: a.fleet_units_dir.clone(),
+    }))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -175,6 +286,7 @@ fn main() -> anyhow::Result<()> {
         return rt.block_on(keel_clusterd::discovery::serve(addr, public)).with_context(|| format!("discovery service on {listen_url}"));
     }
     let cfg = config(&args)?;
+    let agent_cfg = fleet_agent_config(&args, &cfg)?;
     check_store_in_child(&cfg.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     rt.block_on(async move {
@@ -188,6 +300,16 @@ fn main() -> anyhow::Result<()> {
             cfg.advertise_client_urls.join(","),
             cfg.peer_url
         );
+        tokio::spawn(keel_clusterd::fleet::engine::run(running.ctx.clone()));
+        if let Some(agent_cfg) = agent_cfg {
+            eprintln!(
+                "clusterd: fleet agent for machine {} (init at {}, units in {})",
+                agent_cfg.machine_id,
+                agent_cfg.init_socket.display(),
+                agent_cfg.units_dir.display()
+            );
+            agent::start(agent_cfg).context("starting the fleet agent")?;
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
         tokio::select! {
             _ = term.recv() => {}

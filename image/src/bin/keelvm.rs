@@ -11,7 +11,8 @@ use keel_image::mkimage::Manifest;
 use keel_image::qemu::{self, Boot, Console, VmSpec};
 
 /// Boot Keel's image (built by mkimage into out/) in QEMU, serial console on
-/// this terminal. TCG only (no KVM here), -smp 1 -m 512, no network.
+/// this terminal. TCG only (no KVM here), -smp 1 -m 512, no network unless
+/// --user-net or --tap.
 ///
 ///   keelvm run          direct kernel boot (-kernel/-initrd/-append): fastest
 ///   keelvm run --uefi   the real path: OVMF -> systemd-boot -> UKI on the ESP
@@ -28,8 +29,9 @@ use keel_image::qemu::{self, Boot, Console, VmSpec};
 ///
 /// Examples:
 ///   keelvm run --user-data my.yml     # cloud-config via fw_cfg opt/keel/user-data
-///   keelvm run --slot USR-B           # direct boot of the other slot
-///   keelvm run --slot gpt             # no keel.usr=: GPT slot bits decide
+///   keelvm run --slot USR-B           # direct boot of one slot (default: gpt,
+///                                     # the GPT slot bits decide, as after updates)
+///   keelvm run --user-net             # network: the host's 127.0.0.1 is 10.0.2.2
 ///   keelvm run --append keel.rescue   # rescue shell in the initramfs
 ///   keelvm print --uefi               # show the QEMU command line only
 #[derive(Parser, Debug)]
@@ -64,8 +66,9 @@ struct RunArgs {
     /// Discard out/vm/disk.qcow2 (and UEFI vars) first.
     #[arg(long)]
     fresh: bool,
-    /// Direct boot only: USR-A, USR-B, or "gpt" (let the initramfs choose from the GPT slot bits).
-    #[arg(long, default_value = "USR-A")]
+    /// Direct boot only: "gpt" (the initramfs chooses from the GPT slot bits, so updates and fallbacks
+    /// take effect), or USR-A / USR-B to force one slot.
+    #[arg(long, default_value = "gpt")]
     slot: String,
     /// Direct boot only: extra kernel command line.
     #[arg(long, default_value = "")]
@@ -80,8 +83,12 @@ struct RunArgs {
     #[arg(long)]
     no_autologin: bool,
     /// Attach a tap device (NAME,MAC), e.g. inside a network namespace.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "user_net")]
     tap: Option<String>,
+    /// QEMU user-mode network: the guest is 10.0.2.15 (cloud-config keel.network) and reaches the
+    /// host's loopback at 10.0.2.2, e.g. an updateserver on 127.0.0.1.
+    #[arg(long)]
+    user_net: bool,
 }
 
 fn build_spec(a: &RunArgs) -> anyhow::Result<VmSpec> {
@@ -127,6 +134,9 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<VmSpec> {
     if let Some(t) = &a.tap {
         let (ifname, mac) = t.split_once(',').context("--tap wants NAME,MAC")?;
         spec.net = qemu::Net::Tap { ifname: ifname.into(), mac: mac.into() };
+    }
+    if a.user_net {
+        spec.net = qemu::Net::User;
     }
     Ok(spec)
 }

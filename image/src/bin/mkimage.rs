@@ -23,6 +23,14 @@ use keel_image::mkimage::{self, kmod, Config};
 ///   keel.vmlinuz   kernel and initramfs, for direct kernel boot (keelvm)
 ///   keel.initrd
 ///   usr.erofs      the USR file system (input of update payloads)
+///   keel.efi       UKI without keel.usr= (the other input of payloads)
+///
+/// The updater ships in USR when update-engine was built: the enabled
+/// update-engine.service (settings from cloud-config's keel.update), the
+/// trusted payload keys (--update-key) in /usr/share/keel/update-keys, and
+/// the units its health gate requires (--health-unit) in
+/// /usr/lib/keel/update-health-units. --os-version is the version machines
+/// report (VERSION_ID in /usr/lib/os-release).
 ///
 /// The same inputs give the same bytes: GUIDs, UUIDs, volume ids, hash
 /// seeds and time stamps are fixed. Layout and boot flow: docs/image.md.
@@ -33,6 +41,13 @@ use keel_image::mkimage::{self, kmod, Config};
 ///   mkimage --out /tmp/img --cmdline keel.debug   # extra kernel arguments
 ///   mkimage --initrd-module virtio_scsi           # disks behind virtio-scsi
 ///   keelvm run                                    # boot it (keelvm --help)
+///
+///   # an image that trusts a key, and a payload for version 1.1.0 signed with it
+///   mkpayload keygen --out out/keys
+///   mkimage --os-version 1.0.0 --update-key out/keys
+///   mkimage --os-version 1.1.0 --update-key out/keys --out out/1.1.0
+///   mkpayload build --key out/keys/<id>.key --version 1.1.0 --channel stable \
+///       --usr out/1.1.0/usr.erofs --kernel out/1.1.0/keel.efi -o keel-1.1.0.payload
 #[derive(Parser, Debug)]
 #[command(name = "mkimage", version, verbatim_doc_comment)]
 struct Args {
@@ -67,6 +82,37 @@ struct Args {
     /// Keep <out>/.work (staged trees and file system images) for inspection.
     #[arg(long)]
     keep_work: bool,
+    /// Public key trusted for update payloads (repeatable): a .pub file from `mkpayload keygen`, or a
+    /// directory whose *.pub files are all taken. Ship the next key beside the current one to rotate.
+    #[arg(long = "update-key", value_name = "FILE|DIR")]
+    update_keys: Vec<PathBuf>,
+    /// Unit the update health gate requires before blessing a new slot (repeatable)
+    /// [default: keel-loopback.service, update-engine.service].
+    #[arg(long = "health-unit", value_name = "UNIT")]
+    health_units: Vec<String>,
+    /// Extra unit file to ship in /usr/lib/keel/units, enabled (repeatable).
+    #[arg(long = "unit", value_name = "FILE")]
+    units: Vec<PathBuf>,
+}
+
+/// `--update-key` arguments: files as given, directories expanded to their *.pub files (sorted).
+fn expand_keys(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            let mut pubs: Vec<PathBuf> = std::fs::read_dir(a)
+                .with_context(|| format!("listing --update-key directory {}", a.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+                .collect();
+            anyhow::ensure!(!pubs.is_empty(), "--update-key {}: no *.pub files in it (mkpayload keygen --out DIR)", a.display());
+            pubs.sort();
+            out.extend(pubs);
+        } else {
+            out.push(a.clone());
+        }
+    }
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +141,9 @@ fn main() -> anyhow::Result<()> {
         extra_initrd_modules: args.initrd_modules,
         busybox: args.busybox,
         keep_work: args.keep_work,
+        update_keys: expand_keys(&args.update_keys)?,
+        health_units: args.health_units,
+        extra_units: args.units,
     };
     let m = mkimage::build(&cfg).context("building the Keel image")?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);

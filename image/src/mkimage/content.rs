@@ -67,12 +67,14 @@ while :; do wait; sleep 1; done
 
 pub const DEBUG_SHELL_UNIT: &str = "[Unit]\n\
 Description=Root shell on the virtio-serial port org.keel.shell (tests, keelvm --shell)\n\n\
-[Service]\nExecStart=/usr/lib/keel/debug-shell\nRestart=no\n\n\
+[Service]\nExecStart=/usr/lib/keel/debug-shell\nRestart=no\n\
+# interactive shells ignore SIGTERM: do not hold up a shutdown for the default 90 s\n\
+TimeoutStopSec=2\n\n\
 [Install]\nWantedBy=multi-user.target\n";
 
 pub const CONSOLE_SHELL_UNIT: &str = "[Unit]\n\
 Description=Root shell on the serial console when keel.autologin is set\n\n\
-[Service]\nExecStart=/usr/lib/keel/console-shell\nRestart=no\n\n\
+[Service]\nExecStart=/usr/lib/keel/console-shell\nRestart=no\nTimeoutStopSec=2\n\n\
 [Install]\nWantedBy=multi-user.target\n";
 
 pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
@@ -120,3 +122,115 @@ pub const LOOPBACK_UNIT: &str = "[Unit]\n\
 Description=Bring up the loopback interface (127.0.0.1, ::1)\n\n\
 [Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/ip link set lo up\n\n\
 [Install]\nWantedBy=multi-user.target\n";
+
+/// Units the update health gate requires when the image is built without `--health-unit`
+/// (`/usr/lib/keel/update-health-units`; cloud-config's `keel.update.health_units` adds more).
+pub const DEFAULT_HEALTH_UNITS: &[&str] = &["keel-loopback.service", "update-engine.service"];
+
+/// `/usr/lib/keel/update-health-units`: one unit per line.
+pub fn health_units_file(units: &[String]) -> String {
+    let mut s = String::from(
+        "# Units that must be active before update-engine blesses a freshly updated USR slot (its health gate).\n\
+         # cloud-config's keel.update.health_units adds more (comma-separated). docs/updater.md\n",
+    );
+    for u in units {
+        s.push_str(u);
+        s.push('\n');
+    }
+    s
+}
+
+/// `/usr/lib/keel/update-engine-start`: update-engine with the settings of cloud-config's `keel.update`
+/// section, after mounting the ESP at /efi.
+pub const UPDATE_ENGINE_START: &str = r#"#!/bin/sh
+# Start update-engine with the settings of cloud-config's keel.update section, which init writes to
+# /run/keel/config/update.env as upper-cased keys (SERVER=..., GROUP=..., CHANNEL=...). Every key is also
+# exported as KEEL_UPDATE_<KEY> for the engine. Mounts the ESP (PARTLABEL EFI-SYSTEM on the boot disk) at
+# /efi first: the engine puts a new slot's kernel image there. Without SERVER there are no periodic
+# checks (updatectl check/apply still work), but the health gate still blesses a freshly updated slot.
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin
+env=/run/keel/config/update.env
+units=$(grep -v -e '^#' -e '^[[:space:]]*$' /usr/lib/keel/update-health-units 2>/dev/null | tr '\n' ',')
+server= group= channel=
+set --
+if [ -r "$env" ]; then
+  while IFS= read -r line; do
+    case $line in ''|'#'*) continue;; esac
+    k=${line%%=*}; v=${line#*=}
+    case $k in *[!A-Z0-9_]*|'') continue;; esac
+    v=$(printf '%s' "$v" | sed -e 's/^"//' -e 's/"$//' -e 's/\\"/"/g' -e 's/\\\\/\\/g')
+    export "KEEL_UPDATE_$k=$v"
+    case $k in
+      SERVER) server=$v;;
+      GROUP) group=$v;;
+      CHANNEL) channel=$v;;
+      HEALTH_UNITS) units="$units,$v";;
+      FIRST_CHECK|INTERVAL|JITTER|MAX_BACKOFF|HEALTH_HOLD|HEALTH_TIMEOUT|HEALTH_CMD|HEALTH_FAILURE|MAX_DOWNLOAD_RATE)
+        set -- "$@" "--$(echo "$k" | tr 'A-Z_' 'a-z-')" "$v";;
+      ALLOW_DOWNGRADE) [ "$v" = true ] && set -- "$@" --allow-downgrade;;
+    esac
+  done < "$env"
+fi
+if [ -n "$server" ]; then set -- "$@" --server "$server"; else set -- "$@" --no-schedule; fi
+track=${group:-$channel}
+[ -n "$track" ] && set -- "$@" --channel "$track"
+units=$(printf '%s' "$units" | tr -s ', ' ',' | sed -e 's/^,//' -e 's/,$//')
+[ -n "$units" ] && set -- "$@" --health-units "$units"
+
+# the boot disk: the parent of the ROOT partition the initramfs mounted
+root=$(sed -n 's/^KEEL_ROOT_DEVICE=//p' /run/keel/boot.env 2>/dev/null)
+part=${root##*/}
+disk=vda
+[ -n "$part" ] && [ -e "/sys/class/block/$part/partition" ] && disk=$(basename "$(dirname "$(readlink -f "/sys/class/block/$part")")")
+esp=
+for u in /sys/class/block/"$disk"/"$disk"*/uevent; do
+  grep -qx 'PARTNAME=EFI-SYSTEM' "$u" 2>/dev/null && esp=/dev/$(sed -n 's/^DEVNAME=//p' "$u")
+done
+mkdir -p /efi
+if ! mountpoint -q /efi; then
+  if [ -z "$esp" ]; then
+    echo "update-engine-start: no EFI-SYSTEM partition on /dev/$disk; new kernel images cannot be installed" >&2
+  elif ! mount -t vfat -o noatime,umask=0077 "$esp" /efi; then
+    echo "update-engine-start: cannot mount the ESP $esp at /efi (is the vfat module loaded?)" >&2
+  fi
+fi
+exec /usr/bin/update-engine --disk "/dev/$disk" --esp /efi "$@"
+"#;
+
+pub const UPDATE_ENGINE_UNIT: &str = "[Unit]\n\
+Description=Keel update engine: Omaha checks, signed A/B updates, the post-update health gate\n\
+Wants=keel-loopback.service\nAfter=keel-loopback.service keel-network.service\n\n\
+[Service]\nExecStart=/usr/lib/keel/update-engine-start\nRestart=always\nRestartSec=5\n\n\
+[Install]\nWantedBy=multi-user.target\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scripts_parse_with_sh() {
+        for (name, script) in [
+            ("debug-shell", DEBUG_SHELL),
+            ("console-shell", CONSOLE_SHELL),
+            ("clusterd-start", CLUSTERD_START),
+            ("update-engine-start", UPDATE_ENGINE_START),
+        ] {
+            let out = std::process::Command::new("sh").args(["-n", "-c", script]).output().expect("run sh");
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    #[test]
+    fn health_units_file_lists_one_unit_per_line_after_comments() {
+        let text = health_units_file(&["a.service".into(), "b.service".into()]);
+        let units: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(units, ["a.service", "b.service"]);
+    }
+
+    #[test]
+    fn update_engine_unit_is_enabled_and_ordered_after_the_network() {
+        assert!(UPDATE_ENGINE_UNIT.contains("WantedBy=multi-user.target"));
+        assert!(UPDATE_ENGINE_UNIT.contains("After=keel-loopback.service keel-network.service"));
+        assert!(DEFAULT_HEALTH_UNITS.contains(&"update-engine.service"));
+    }
+}

@@ -49,6 +49,8 @@ pub enum ImageError {
         init.display()
     )]
     NoInitrdInit { init: PathBuf },
+    #[error("update key {}: {reason}; pass a .pub file written by `mkpayload keygen`", path.display())]
+    BadKey { path: PathBuf, reason: String },
     #[error("compressing the initramfs: {0}")]
     Compress(std::io::Error),
 }
@@ -58,7 +60,7 @@ pub enum ImageError {
 pub struct Config {
     /// Where Keel's static binaries are (target/x86_64-unknown-linux-gnu/release).
     pub bin_dir: PathBuf,
-    /// Output directory (keel.img, keel.json, keel.vmlinuz, keel.initrd, usr.erofs).
+    /// Output directory (keel.img, keel.json, keel.vmlinuz, keel.initrd, usr.erofs, keel.efi).
     pub out_dir: PathBuf,
     pub kernel_version: String,
     pub os_version: String,
@@ -72,6 +74,13 @@ pub struct Config {
     pub extra_initrd_modules: Vec<String>,
     pub busybox: PathBuf,
     pub keep_work: bool,
+    /// Public keys (`mkpayload keygen`'s `.pub` files) the machine trusts for update payloads; installed as
+    /// `/usr/share/keel/update-keys/<id>.pub`.
+    pub update_keys: Vec<PathBuf>,
+    /// Units the update health gate requires (`/usr/lib/keel/update-health-units`); empty = the defaults.
+    pub health_units: Vec<String>,
+    /// Extra unit files shipped in `/usr/lib/keel/units` and enabled (wanted by multi-user.target).
+    pub extra_units: Vec<PathBuf>,
 }
 
 /// The description of a built image, written to `<out>/keel.json`.
@@ -95,6 +104,10 @@ pub struct Manifest {
     /// `init` = Keel's init; `placeholder` = busybox stand-in because init was not built.
     pub usr_init: String,
     pub initrd_init: PathBuf,
+    /// The slot-independent UKI (no `keel.usr=`: the initramfs follows the GPT bits): the kernel target of
+    /// update payloads (`mkpayload build --kernel`).
+    #[serde(default)]
+    pub uki: PathBuf,
 }
 
 impl Manifest {
@@ -148,6 +161,14 @@ pub fn build(cfg: &Config) -> Result<Manifest, ImageError> {
     for b in &staged.binaries {
         eprintln!("mkimage:       /usr/bin/{b}");
     }
+    if staged.binaries.iter().any(|b| b == "update-engine") {
+        if cfg.update_keys.is_empty() {
+            eprintln!("mkimage: WARNING: no --update-key: this image trusts no key and will refuse every update payload");
+        }
+        for k in &cfg.update_keys {
+            eprintln!("mkimage:       update key {}", k.display());
+        }
+    }
     if staged.placeholder_init {
         eprintln!("mkimage: WARNING: {} missing: /usr/bin/init is a busybox PLACEHOLDER", cfg.bin_dir.join("init").display());
     }
@@ -197,6 +218,15 @@ pub fn build(cfg: &Config) -> Result<Manifest, ImageError> {
         ukis.push(out);
     }
     let uki_bytes = file_len(&ukis[0])?;
+    // for payloads: one UKI for whichever slot it lands in, so no keel.usr=
+    let payload_uki = cfg.out_dir.join("keel.efi");
+    let cl = work.join("cmdline-any");
+    write(&cl, cmdline.as_bytes())?;
+    uki::build(
+        Path::new(uki::STUB),
+        &uki::UkiParts { osrel: &osrel, cmdline: &cl, kernel: &kernel, initrd: &initrd },
+        &payload_uki,
+    )?;
 
     progress(5, STEPS, "building the ESP (FAT32, systemd-boot, loader.conf, UKIs)");
     let esp = work.join("esp.img");
@@ -233,6 +263,7 @@ pub fn build(cfg: &Config) -> Result<Manifest, ImageError> {
         uki_bytes,
         usr_init: if staged.placeholder_init { "placeholder".into() } else { "init".into() },
         initrd_init,
+        uki: payload_uki,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Write {
         path: cfg.out_dir.join("keel.json"),

@@ -116,6 +116,15 @@ pub fn stage_usr(cfg: &Config, dir: &Path) -> Result<Staged, ImageError> {
         link(&format!("../{name}"), &units.join("multi-user.target.wants").join(name))?;
     }
 
+    for unit in &cfg.extra_units {
+        let Some(name) = unit.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+        copy(unit, &units.join(&name))?;
+        link(&format!("../{name}"), &units.join("multi-user.target.wants").join(&name))?;
+    }
+    if binaries.iter().any(|b| b == "update-engine") {
+        stage_updater(cfg, dir, &lib_keel, &units)?;
+    }
+
     if binaries.iter().any(|b| b == "clusterd") {
         // shipped, not enabled: cloud-config starts it (`keel.units: [{name: clusterd.service, command: start}]`)
         write_mode(&lib_keel.join("clusterd-start"), content::CLUSTERD_START.as_bytes(), 0o755)?;
@@ -142,6 +151,31 @@ pub fn stage_usr(cfg: &Config, dir: &Path) -> Result<Staged, ImageError> {
     // /etc as shipped, copied to ROOT on first boot when ROOT has none
     stage_etc(&dir.join("share/factory/etc"))?;
     Ok(Staged { binaries, placeholder_init })
+}
+
+/// The updater's share of USR: the enabled update-engine.service and its start script, the health gate's
+/// required units, and the trusted update keys (`/usr/share/keel/update-keys/*.pub`).
+fn stage_updater(cfg: &Config, dir: &Path, lib_keel: &Path, units: &Path) -> Result<(), ImageError> {
+    write_mode(&lib_keel.join("update-engine-start"), content::UPDATE_ENGINE_START.as_bytes(), 0o755)?;
+    write(&units.join("update-engine.service"), content::UPDATE_ENGINE_UNIT.as_bytes())?;
+    link("../update-engine.service", &units.join("multi-user.target.wants/update-engine.service"))?;
+    let required: Vec<String> = if cfg.health_units.is_empty() {
+        content::DEFAULT_HEALTH_UNITS.iter().map(|s| s.to_string()).collect()
+    } else {
+        cfg.health_units.clone()
+    };
+    write(&lib_keel.join("update-health-units"), content::health_units_file(&required).as_bytes())?;
+    let keys = dir.join("share/keel/update-keys");
+    mkdirs(&keys)?;
+    for k in &cfg.update_keys {
+        let key = keel_updater::payload::keys::load_public(k).map_err(|e| ImageError::BadKey {
+            path: k.clone(),
+            reason: e.to_string(),
+        })?;
+        let id = keel_updater::payload::keys::key_id(&key);
+        copy(k, &keys.join(format!("{id}.pub")))?;
+    }
+    Ok(())
 }
 
 fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ImageError> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use keel_updater::engine::{control, Config, Engine, HealthConfig};
+use keel_updater::reboot::{self, RebootConfig, RebootManager, Strategy};
 use keel_updater::slot::Slot;
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -37,11 +38,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 Checks the update server (Omaha v3, as CoreOS/Flatcar) a few minutes after boot and then periodically\n\
 with jitter, backing off exponentially on failures. An offered payload is streamed, verified chunk by\n\
 chunk and written to the inactive USR slot; its UKI goes on the ESP with a boot counter. After the\n\
-next boot a health gate blesses the new slot; a slot that never passes is abandoned by the boot\n\
-loader and the failure is reported to the server (event 3/0, error 44).\n\n\
+next boot a health gate blesses the new slot; when the gate gives up, the engine reboots through init\n\
+(--health-failure), the boot loader skips the unblessed slot, and the fallback boot reports the\n\
+failure to the server (event 3/0, error 44).\n\n\
+Once an update is installed, the reboot manager acts by --reboot-strategy: `reboot` at once, `etcd-lock`\n\
+inside a reboot window take a slot of the cluster semaphore in clusterd's KV, drain this machine's fleet\n\
+units, then reboot through init; `off` (default) waits for an operator. The lock is given back as soon as\n\
+the next boot's health gate has finished, whatever the window (docs/locksmith.md). Its settings default\n\
+to cloud-config's (keel.update.reboot_strategy, reboot_windows; keel.locksmith.group, max, endpoint).\n\n\
 Control it with `updatectl` (HTTP on loopback, --listen). State lives in --state-dir.\n\n\
-Example (what the image's unit runs):\n  \
-update-engine --server http://updates.example:8080/v1/update/ --disk /dev/vda --esp /boot/efi\n\n\
+Example (what the image's unit runs, via /usr/lib/keel/update-engine-start, with the settings of\n\
+cloud-config's keel.update section):\n  \
+update-engine --server http://updates.example:8080/v1/update/ --channel stable --disk /dev/vda --esp /efi\n\n\
+Example (rolling reboots, weekday nights at 02:00 for 1h, Berlin summer time as a fixed offset):\n  \
+update-engine --reboot-strategy etcd-lock --reboot-window \"Mon-Fri 02:00 1h +02:00\" ...\n\n\
 Example (tests, a file-backed disk):\n  \
 update-engine --server http://127.0.0.1:8080/v1/update/ --disk disk.img --esp esp/ \\\n      \
 --state-dir state/ --keys keys/ --running-version 1.0.0 --active-slot a --first-check 1s"
@@ -119,6 +129,11 @@ struct Args {
     /// File listing the units the image marks as required for a healthy boot, one per line
     #[arg(long, default_value = "/usr/lib/keel/update-health-units")]
     health_units_file: PathBuf,
+    /// Health gate: what to do when it gives up. `reboot`: ask init to reboot now, so the machine falls
+    /// back to the previous slot by itself (only when that slot can boot); `stay`: record it and wait for
+    /// the next reboot
+    #[arg(long, default_value = "reboot", value_name = "reboot|stay")]
+    health_failure: keel_updater::engine::fallback::FailureAction,
     /// init's control socket (asked for unit states by the health gate)
     #[arg(long, env = "KEEL_INIT_SOCKET", default_value = "/run/keel/init.sock")]
     init_socket: PathBuf,
@@ -129,6 +144,73 @@ struct Args {
     board: String,
     #[arg(long, default_value = "qemu")]
     platform: String,
+    /// Reboot manager: what to do once an update is installed: reboot | etcd-lock | off.
+    /// Default: cloud-config's keel.update.reboot_strategy, else off
+    #[arg(long, value_name = "STRATEGY", env = "KEEL_UPDATE_REBOOT_STRATEGY", help_heading = "Reboot manager")]
+    reboot_strategy: Option<String>,
+    /// Reboot window "[DAYS] HH:MM LENGTH [TIMEZONE]", e.g. "Mon-Fri 04:00 1h +02:00"; repeat for several.
+    /// Replaces cloud-config's keel.update.reboot_windows. No window: any time
+    #[arg(long = "reboot-window", value_name = "WINDOW", help_heading = "Reboot manager")]
+    reboot_windows: Vec<String>,
+    /// Reboot-lock group (its own semaphore and max). Default: cloud-config's keel.locksmith.group, else default
+    #[arg(long, value_name = "GROUP", help_heading = "Reboot manager")]
+    lock_group: Option<String>,
+    /// clusterd client URLs (comma-separated) holding the reboot lock and fleet's drain state.
+    /// Default: keel.locksmith.endpoint, else the local clusterd's client URLs (clusterd.env), else
+    /// http://127.0.0.1:2379
+    #[arg(long, value_name = "URLS", help_heading = "Reboot manager")]
+    lock_endpoint: Option<String>,
+    /// Max holders of a semaphore this machine creates (the first lock creates it).
+    /// Default: keel.locksmith.max, else 1. Change it later with `locksmithctl set-max`
+    #[arg(long, value_name = "N", help_heading = "Reboot manager")]
+    lock_max: Option<i64>,
+    /// Shell command that reboots the machine. Default: ask init over --init-socket (`initctl reboot`)
+    #[arg(long, value_name = "CMD", help_heading = "Reboot manager")]
+    reboot_command: Option<String>,
+    /// etcd-lock: longest wait for fleet to move this machine's units before rebooting anyway
+    #[arg(long, default_value = "60s", value_parser = parse_duration, help_heading = "Reboot manager")]
+    drain_timeout: Duration,
+    /// How often the reboot manager re-checks the window, the lock and the engine
+    #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Reboot manager")]
+    reboot_poll: Duration,
+    /// Where init writes cloud-config's settings (update.env, locksmith.env, cloud-config.json)
+    #[arg(long, default_value = "/run/keel/config", help_heading = "Reboot manager")]
+    config_dir: PathBuf,
+}
+
+/// The reboot manager's settings: flags first, then cloud-config's files in --config-dir.
+fn reboot_config(a: &Args) -> Result<RebootConfig> {
+    let files = reboot::config::load(&a.config_dir).map_err(anyhow::Error::msg)?;
+    let strategy_text = a.reboot_strategy.clone().or(files.strategy).unwrap_or_else(|| "off".into());
+    let strategy = Strategy::parse(&strategy_text).map_err(anyhow::Error::msg)?;
+    let windows = if a.reboot_windows.is_empty() {
+        files.windows
+    } else {
+        a.reboot_windows
+            .iter()
+            .map(|w| reboot::window::Window::parse(w).map(|p| (w.clone(), p)))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--reboot-window")?
+    };
+    Ok(RebootConfig {
+        strategy,
+        window_texts: windows.iter().map(|(t, _)| t.clone()).collect(),
+        windows: reboot::window::Windows(windows.into_iter().map(|(_, w)| w).collect()),
+        group: a.lock_group.clone().or(files.group).unwrap_or_else(|| "default".into()),
+        endpoints: match a.lock_endpoint.clone().or(files.endpoints) {
+            Some(e) => vec![e],
+            None => reboot::config::clusterd_client_urls(&a.config_dir),
+        },
+        initial_max: a.lock_max.or(files.max).unwrap_or(1),
+        reboot_command: a.reboot_command.clone(),
+        init_socket: a.init_socket.clone(),
+        drain_timeout: a.drain_timeout,
+        poll: a.reboot_poll.max(Duration::from_millis(100)),
+        // Filled in from the engine's configuration once it is built.
+        machine_id: String::new(),
+        boot_id: String::new(),
+        state_dir: a.state_dir.clone(),
+    })
 }
 
 fn read_trim(p: &str) -> Option<String> {
@@ -148,6 +230,14 @@ fn os_release_version(p: &std::path::Path) -> Option<String> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    // Unusable reboot settings must not stop the engine: it is what blesses a freshly updated slot.
+    let (mut reboot_cfg, reboot_problem) = match reboot_config(&a) {
+        Ok(c) => (c, None),
+        Err(e) => (
+            RebootConfig::off(a.state_dir.clone(), a.init_socket.clone()),
+            Some(format!("reboot manager settings: {e:#}")),
+        ),
+    };
     let running_version = match a.running_version {
         Some(v) => v,
         None => os_release_version(&a.os_release).with_context(|| {
@@ -204,6 +294,7 @@ async fn main() -> Result<()> {
                     .unwrap_or_default()
             }),
             init_socket: a.init_socket,
+            on_failure: a.health_failure,
         },
         board: a.board,
         platform: a.platform,
@@ -218,14 +309,19 @@ async fn main() -> Result<()> {
         "update-engine: control API on http://{}",
         listener.local_addr()?
     );
+    reboot_cfg.machine_id = engine.cfg.machine_id.clone();
+    reboot_cfg.boot_id = engine.cfg.boot_id.clone();
+    let manager = RebootManager::new(reboot_cfg, engine.clone(), reboot_problem);
     let e = engine.clone();
-    if tokio::task::spawn_blocking(move || e.boot_detect())
+    let needs_gate = tokio::task::spawn_blocking(move || e.boot_detect())
         .await
-        .unwrap_or(false)
-    {
-        let e = engine.clone();
-        tokio::task::spawn_blocking(move || e.gate_and_bless());
-    }
+        .unwrap_or(false);
+    // The manager runs the health gate (if this boot needs it), releases a lock taken before the
+    // reboot, then acts on UPDATED_NEED_REBOOT by strategy.
+    std::thread::Builder::new()
+        .name("reboot-manager".into())
+        .spawn(move || manager.run(needs_gate))
+        .context("starting the reboot manager thread")?;
     if !a.no_schedule {
         tokio::spawn(control::schedule(engine.clone()));
     }

@@ -20,7 +20,9 @@ updatectl apply               # check, download, verify, install; waits and show
 updatectl channel beta        # follow another channel from the next check on\n  \
 updatectl rollback            # boot the other slot next time (no network needed)\n  \
 updatectl status --json       # for scripts\n\n\
-States: IDLE, CHECKING, DOWNLOADING, VERIFYING, FINALIZING, UPDATED_NEED_REBOOT, ERROR."
+States: IDLE, CHECKING, DOWNLOADING, VERIFYING, FINALIZING, UPDATED_NEED_REBOOT, ERROR.\n\
+Reboot manager phases (the REBOOT line): idle, off, waiting-for-window, waiting-for-lock, draining,\n\
+rebooting, holding-lock, releasing-lock, error (docs/locksmith.md)."
 )]
 struct Cli {
     /// update-engine's control API
@@ -124,6 +126,40 @@ fn print_status(s: &Value) {
             g("last_error"),
             g("last_error_code")
         );
+    }
+    if let Some(r) = s.get("reboot").filter(|r| r.is_object()) {
+        print_reboot(r);
+    }
+}
+
+/// The reboot manager's lines: strategy, windows, what it waits for.
+fn print_reboot(r: &Value) {
+    let g = |k: &str| match r.get(k) {
+        Some(Value::String(v)) => v.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(v) => v.to_string(),
+    };
+    println!("REBOOT         {} (strategy {}, group {})", g("phase"), g("strategy"), g("group"));
+    let windows = r.get("windows").and_then(|w| w.as_array()).map(|w| {
+        w.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("; ")
+    });
+    match windows.filter(|w| !w.is_empty()) {
+        None => println!("WINDOWS        any time"),
+        Some(w) => {
+            let open = r.get("window_open").and_then(|v| v.as_bool()).unwrap_or(false);
+            let next = r
+                .get("next_window")
+                .and_then(|v| v.as_i64())
+                .map(keel_updater::reboot::window::format_utc)
+                .unwrap_or_else(|| "-".into());
+            println!("WINDOWS        {w} ({})", if open { "open now".to_string() } else { format!("next opens {next}") });
+        }
+    }
+    if r.get("holding_lock").and_then(|v| v.as_bool()) == Some(true) {
+        println!("LOCK           held by this machine");
+    }
+    if !g("detail").is_empty() && g("detail") != "-" {
+        println!("REBOOT DETAIL  {}", g("detail"));
     }
 }
 

@@ -1,7 +1,7 @@
 //! The engine's local control API (HTTP on loopback, default 127.0.0.1:9745) and the check scheduler.
 //!
 //! Routes: `GET /v1/status`, `POST /v1/check`, `POST /v1/apply`, `GET|POST /v1/channel`,
-//! `POST /v1/rollback`, `GET /metrics`. `updatectl` is its client. Documented in docs/updater.md.
+//! `POST /v1/rollback`, `GET /metrics` (with the reboot manager's phase). `updatectl` is its client. Documented in docs/updater.md.
 //! Owns: HTTP framing and scheduling only; every decision is in the parent module.
 
 use axum::extract::State;
@@ -127,6 +127,31 @@ async fn metrics(State(e): State<Shared>) -> Response {
         "# TYPE keel_update_engine_info gauge\nkeel_update_engine_info{{version=\"{}\",channel=\"{}\"}} 1\n",
         s.current_version, s.channel
     ));
+    if let Some(r) = &s.reboot {
+        use crate::reboot::Phase;
+        out.push_str("# TYPE keel_reboot_manager_phase gauge\n");
+        for p in [
+            Phase::Idle,
+            Phase::Off,
+            Phase::WaitingForWindow,
+            Phase::WaitingForLock,
+            Phase::Draining,
+            Phase::Rebooting,
+            Phase::HoldingLock,
+            Phase::ReleasingLock,
+            Phase::Error,
+        ] {
+            out.push_str(&format!(
+                "keel_reboot_manager_phase{{phase=\"{p}\",strategy=\"{}\"}} {}\n",
+                r.strategy,
+                (r.phase == p) as u8
+            ));
+        }
+        out.push_str(&format!(
+            "# TYPE keel_reboot_lock_held gauge\nkeel_reboot_lock_held{{group=\"{}\"}} {}\n",
+            r.group, r.holding_lock as u8
+        ));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

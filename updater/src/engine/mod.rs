@@ -8,6 +8,7 @@
 //! machine (a reboot manager acts on UPDATED_NEED_REBOOT).
 
 pub mod control;
+pub mod fallback;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ pub struct Status {
     pub resumed_from: Option<u64>,
     pub checks: u64,
     pub updates_installed: u64,
+    /// The reboot manager's state (strategy, windows, lock, drain); null when none runs.
+    #[serde(default)]
+    pub reboot: Option<crate::reboot::RebootStatus>,
 }
 
 /// Errors of one check/apply cycle.
@@ -129,6 +133,8 @@ pub struct HealthConfig {
     pub units: Vec<String>,
     /// init's control socket.
     pub init_socket: PathBuf,
+    /// What to do when the gate gives up: reboot (fall back to the previous slot now) or stay.
+    pub on_failure: fallback::FailureAction,
 }
 
 /// Asks init for every unit's status and checks that each of `units` is up. `Err` says which is not.
@@ -241,6 +247,7 @@ impl Engine {
             resumed_from: None,
             checks: 0,
             updates_installed: 0,
+            reboot: None,
         };
         Engine {
             cfg,
@@ -416,8 +423,11 @@ impl Engine {
                     if v.is_some() {
                         s.updates_installed += 1;
                     }
-                    s.last_error = None;
-                    s.last_error_code = None;
+                    // a fallback (44) stays visible until the next update installs
+                    if v.is_some() || s.last_error_code != Some(event::ERR_ROLLBACK) {
+                        s.last_error = None;
+                        s.last_error_code = None;
+                    }
                 });
             }
             Err(EngineError::Busy) => {}
@@ -673,6 +683,17 @@ impl Engine {
             let _ = self.slots().detect_failed_update(active);
             self.queue_event(Event::error(event::ERR_ROLLBACK));
             let _ = std::fs::remove_file(&installed_path);
+            let why = self.take_gate_failure().map_or_else(
+                || "it did not come up (or rebooted before its health gate passed)".to_string(),
+                |g| format!("its health gate failed: {}", g.reason),
+            );
+            self.set(|s| {
+                s.last_error = Some(format!(
+                    "update to {} on {} was abandoned and the machine fell back to {active}: {why}; reported as error 44",
+                    i.version, i.slot
+                ));
+                s.last_error_code = Some(event::ERR_ROLLBACK);
+            });
         } else if let Ok(Some(_failed)) = self.slots().detect_failed_update(active) {
             self.queue_event(Event::error(event::ERR_ROLLBACK));
         }
@@ -708,13 +729,16 @@ impl Engine {
                     self.report(vec![e]);
                 }
             }
-            Err(reason) => self.set(|s| {
-                s.health = "failed".into();
-                s.state = EngineState::Error;
-                s.last_error = Some(format!(
-                    "health gate failed: {reason}; this slot stays unblessed, the next boot falls back to the previous one"
-                ));
-            }),
+            Err(reason) => {
+                self.set(|s| {
+                    s.health = "failed".into();
+                    s.state = EngineState::Error;
+                    s.last_error = Some(format!(
+                        "health gate failed: {reason}; this slot stays unblessed, the next boot falls back to the previous one"
+                    ));
+                });
+                self.fall_back(active, &reason);
+            }
         }
     }
 

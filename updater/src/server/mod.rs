@@ -251,10 +251,12 @@ impl State {
             if matches!(machine_state.as_str(), "error" | "rolled-back")
                 && machine_target.as_deref() == Some(rel.version.as_str())
             {
-                // Do not offer the same failing version again to the same machine while halted.
-                if group.halted.is_some() {
+                // Never offer a version again to a machine that failed with it or rolled it back, halted or not:
+                // it would download, fail and reboot in a loop. A newer release is offered as usual.
+                if group.paused || group.halted.is_some() {
                     return Decision::Refused("error-updatesDisabled");
                 }
+                return Decision::NoUpdate;
             }
             if group.paused || group.halted.is_some() {
                 return Decision::Refused("error-updatesDisabled");
@@ -304,5 +306,53 @@ pub fn update_for(rel: &Release, base_url: &str) -> Update {
         package_name: rel.file.clone(),
         size: rel.size,
         hash_sha256: rel.sha256.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::omaha::{Event, Request};
+
+    fn release(version: &str) -> Release {
+        Release {
+            version: version.into(),
+            file: format!("keel-{version}.kpl"),
+            size: 1,
+            sha256: "00".into(),
+            key_id: "k".into(),
+            published_at: 0,
+        }
+    }
+
+    fn check(version: &str, events: Vec<Event>) -> Request {
+        Request {
+            machineid: "m1".into(),
+            version: version.into(),
+            track: "stable".into(),
+            updatecheck: true,
+            events,
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn a_version_that_rolled_back_on_a_machine_is_not_offered_to_it_again_even_without_a_halt() {
+        let mut st = State::default();
+        st.publish("stable", release("2.0.0"));
+        if let Some(g) = st.groups.get_mut("stable") {
+            g.halt_on_error = false;
+        }
+        assert!(matches!(st.handle(&check("1.0.0", vec![]), 100), Decision::Grant(_)));
+        let rollback = Event {
+            event_type: 3,
+            event_result: 0,
+            error_code: Some(44),
+            previous_version: None,
+        };
+        assert_eq!(st.handle(&check("1.0.0", vec![rollback]), 200), Decision::NoUpdate);
+        assert_eq!(st.handle(&check("1.0.0", vec![]), 300), Decision::NoUpdate, "asked again: still not offered");
+        st.publish("stable", release("2.0.1"));
+        assert!(matches!(st.handle(&check("1.0.0", vec![]), 400), Decision::Grant(r) if r.version == "2.0.1"));
     }
 }

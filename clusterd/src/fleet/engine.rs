@@ -1,0 +1,140 @@
+//! The fleet engine: runs in every clusterd, acts only while this member is the Raft leader.
+//!
+//! Owns: the loop that, every [`ENGINE_TICK`](super::ENGINE_TICK) on the leader, reads the fleet tree from the
+//! local (leader's, hence current) state machine, updates the heartbeat tracker ([`Liveness`]), builds the
+//! scheduler's input (live, draining and dead machines; parsed units, cached by text) and proposes the
+//! resulting schedule changes through Raft. On losing leadership it forgets everything; on gaining it, it
+//! starts a fresh tracker, so no machine is declared dead before a full heartbeat TTL of healthy-store time
+//! under this leader. Does not: talk to init or to agents.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use keel_model::fleet::{self, DesiredState};
+
+use super::liveness::Liveness;
+use super::registry::Snapshot;
+use super::scheduler::{self, Change, Input, MachineInfo, MachineState, UnitInfo};
+use super::units::{parse_unit, FleetSpec};
+use super::{ENGINE_TICK, HEARTBEAT_INTERVAL, HEARTBEAT_TTL};
+use crate::kv::{KvOp, OpKind};
+use crate::server::Ctx;
+
+/// Parsed units by name: (text, spec or the parse errors).
+type SpecCache = HashMap<String, (String, Result<Arc<FleetSpec>, Vec<String>>)>;
+
+/// Run forever (spawned by clusterd).
+pub async fn run(ctx: Arc<Ctx>) {
+    let mut term: Option<Liveness> = None;
+    let mut cache = SpecCache::new();
+    let mut dead_before = BTreeSet::new();
+    loop {
+        tokio::time::sleep(ENGINE_TICK).await;
+        let leader = ctx.raft.metrics().borrow().current_leader == Some(ctx.id);
+        if !leader {
+            if term.take().is_some() {
+                tracing::info!("fleet engine: no longer the leader; standing by");
+            }
+            continue;
+        }
+        let live = term.get_or_insert_with(|| {
+            tracing::info!("fleet engine: leading; judging machines only after {:?} of heartbeats", HEARTBEAT_TTL);
+            Liveness::new(HEARTBEAT_TTL, HEARTBEAT_INTERVAL, ENGINE_TICK)
+        });
+        let snap = read_local(&ctx);
+        let referenced: BTreeSet<String> = snap.schedule.values().cloned().collect();
+        let beats: BTreeMap<String, u64> = snap.machines.iter().map(|(id, m)| (id.clone(), m.modified)).collect();
+        live.observe(Instant::now(), &beats, &referenced);
+        let dead = live.dead();
+        for id in dead.difference(&dead_before) {
+            tracing::warn!("fleet engine: machine {id} missed heartbeats for {:?} while others did not: rescheduling its units", HEARTBEAT_TTL);
+        }
+        dead_before = dead.clone();
+        let input = build_input(&snap, dead, &mut cache);
+        let changes = scheduler::plan(&input);
+        if !changes.is_empty() {
+            apply(&ctx, &snap, changes).await;
+        }
+    }
+}
+
+/// The fleet tree as the local state machine has it.
+pub fn read_local(ctx: &Ctx) -> Snapshot {
+    let now = crate::kv::time::now_nanos();
+    let Ok(d) = ctx.sm.data.read() else { return Snapshot::default() };
+    match d.store.get(fleet::PREFIX, true, false, now) {
+        Ok(ev) => Snapshot::from_node(&ev.node),
+        Err(_) => Snapshot::default(),
+    }
+}
+
+fn build_input(snap: &Snapshot, dead: BTreeSet<String>, cache: &mut SpecCache) -> Input {
+    let mut input = Input { dead, schedule: snap.schedule.clone(), ..Default::default() };
+    for (id, m) in &snap.machines {
+        if input.dead.contains(id) {
+            continue;
+        }
+        let state = if snap.drains.contains_key(id) { MachineState::Draining } else { MachineState::Alive };
+        input.machines.insert(
+            id.clone(),
+            MachineInfo { metadata: m.record.metadata.clone(), capacity: m.record.capacity, state },
+        );
+    }
+    cache.retain(|name, _| snap.units.contains_key(name));
+    for (name, u) in &snap.units {
+        if name.contains("@.") {
+            continue;
+        }
+        let fresh = cache.get(name).is_some_and(|(t, _)| *t == u.text);
+        if !fresh {
+            let parsed = parse_unit(name, &u.text).map(Arc::new);
+            if let Err(errs) = &parsed {
+                tracing::warn!("fleet engine: not scheduling {name}: {}", errs.join("; "));
+            }
+            cache.insert(name.clone(), (u.text.clone(), parsed));
+        }
+        match cache.get(name).map(|(_, p)| p) {
+            Some(Ok(spec)) => {
+                input.units.insert(name.clone(), UnitInfo { desired: u.desired, spec: spec.clone() });
+            }
+            _ => {
+                input.broken.insert(name.clone());
+            }
+        }
+    }
+    input
+}
+
+async fn apply(ctx: &Arc<Ctx>, snap: &Snapshot, changes: Vec<Change>) {
+    let mut tasks = Vec::with_capacity(changes.len());
+    for c in changes {
+        let op = match &c {
+            Change::Assign { unit, machine } => {
+                match snap.schedule.get(unit) {
+                    Some(old) => tracing::info!("fleet engine: moving {unit} from {old} to {machine}"),
+                    None => tracing::debug!("fleet engine: {unit} → {machine}"),
+                }
+                KvOp { kind: OpKind::Put, key: fleet::schedule_key(unit), value: machine.clone(), ..Default::default() }
+            }
+            Change::Unassign { unit } => {
+                let launched = snap.units.get(unit).is_some_and(|u| u.desired == DesiredState::Launched);
+                if launched {
+                    tracing::warn!("fleet engine: {unit} fits on no live machine; unscheduled");
+                }
+                KvOp { kind: OpKind::Delete, key: fleet::schedule_key(unit), ..Default::default() }
+            }
+        };
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move { ctx.propose_kv(op).await }));
+    }
+    for t in tasks {
+        match t.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!("fleet engine: schedule write failed: {e}");
+            }
+            Err(e) => tracing::debug!("fleet engine: schedule write task: {e}"),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Telling a dead machine from a slow store.
+//!
+//! Owns: per-machine heartbeat bookkeeping for the engine. A machine is declared dead only when its
+//! heartbeat made no progress for [`Liveness::ttl`] of *healthy-store time*: time during which some other
+//! machine's heartbeat did land (the store accepted writes). While nobody's heartbeat lands (the store or
+//! the leader stalled, an election is running) no machine ages. A fresh tracker (after gaining leadership)
+//! starts every machine at zero, so the new leader always waits a full TTL before declaring anything dead,
+//! and one tick never counts for more than `max_step` (a stalled engine process does not age machines when
+//! it resumes). Pure: time is passed in.
+//! Does not: read the store or move units.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+struct Seen {
+    /// Store index of the last heartbeat seen (None: machine known only from the schedule).
+    index: Option<u64>,
+    /// Healthy-store time since the last heartbeat.
+    stale_for: Duration,
+}
+
+/// Heartbeat tracker of one engine term.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    pub ttl: Duration,
+    /// The store counts as healthy while some heartbeat landed within this window.
+    pub health_window: Duration,
+    /// Most time one observation may add.
+    pub max_step: Duration,
+    seen: BTreeMap<String, Seen>,
+    last: Option<Instant>,
+    last_progress: Option<Instant>,
+}
+
+impl Liveness {
+    pub fn new(ttl: Duration, heartbeat: Duration, tick: Duration) -> Liveness {
+        Liveness {
+            ttl,
+            health_window: heartbeat * 2 + tick,
+            max_step: tick * 2,
+            seen: BTreeMap::new(),
+            last: None,
+            last_progress: None,
+        }
+    }
+
+    /// Record one look at the store at `now`: `heartbeats` maps machine id → index of its record's last
+    /// write (machines without a record are absent); `referenced` are machines units are scheduled on.
+    pub fn observe(&mut self, now: Instant, heartbeats: &BTreeMap<String, u64>, referenced: &BTreeSet<String>) {
+        let step = self.last.map(|l| now.saturating_duration_since(l).min(self.max_step)).unwrap_or_default();
+        let first = self.last.is_none();
+        self.last = Some(now);
+        let mut progressed = BTreeSet::new();
+        for (id, idx) in heartbeats {
+            match self.seen.get_mut(id) {
+                None => {
+                    self.seen.insert(id.clone(), Seen { index: Some(*idx), stale_for: Duration::ZERO });
+                    if !first {
+                        progressed.insert(id.clone());
+                    }
+                }
+                Some(s) if s.index != Some(*idx) => {
+                    s.index = Some(*idx);
+                    s.stale_for = Duration::ZERO;
+                    progressed.insert(id.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        for id in referenced {
+            self.seen.entry(id.clone()).or_insert(Seen { index: None, stale_for: Duration::ZERO });
+        }
+        if !progressed.is_empty() {
+            self.last_progress = Some(now);
+        }
+        if !self.store_healthy(now) {
+            return;
+        }
+        for (id, s) in self.seen.iter_mut() {
+            if !progressed.contains(id) {
+                s.stale_for += step;
+            }
+        }
+    }
+
+    /// Did some heartbeat land recently?
+    pub fn store_healthy(&self, now: Instant) -> bool {
+        self.last_progress.is_some_and(|p| now.saturating_duration_since(p) <= self.health_window)
+    }
+
+    /// Has `id` been silent for a TTL of healthy-store time?
+    pub fn is_dead(&self, id: &str) -> bool {
+        self.seen.get(id).is_some_and(|s| s.stale_for >= self.ttl)
+    }
+
+    /// Machines currently declared dead.
+    pub fn dead(&self) -> BTreeSet<String> {
+        self.seen.iter().filter(|(_, s)| s.stale_for >= self.ttl).map(|(id, _)| id.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(200);
+
+    fn hb(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn tracker() -> Liveness {
+        Liveness::new(Duration::from_secs(2), Duration::from_millis(500), TICK)
+    }
+
+    #[test]
+    fn silent_machine_dies_while_others_beat() {
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        for i in 0..20u64 {
+            let t = t0 + TICK * i as u32;
+            l.observe(t, &hb(&[("a", 10), ("b", 100 + i)]), &none);
+            if i < 10 {
+                assert!(!l.is_dead("a"), "tick {i}");
+            }
+        }
+        assert!(l.is_dead("a"));
+        assert!(!l.is_dead("b"));
+    }
+
+    #[test]
+    fn everyone_silent_is_a_slow_store_not_deaths() {
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        l.observe(t0, &hb(&[("a", 1), ("b", 2)]), &none);
+        l.observe(t0 + TICK, &hb(&[("a", 3), ("b", 4)]), &none);
+        for i in 2..100u32 {
+            l.observe(t0 + TICK * i, &hb(&[("a", 3), ("b", 4)]), &none);
+        }
+        assert!(l.dead().is_empty(), "a 20 s stall of everyone kills nobody");
+        // The store recovers: both beat again, nobody died.
+        l.observe(t0 + TICK * 100, &hb(&[("a", 5), ("b", 6)]), &none);
+        assert!(l.dead().is_empty());
+    }
+
+    #[test]
+    fn a_long_engine_pause_counts_as_one_step() {
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        l.observe(t0, &hb(&[("a", 1), ("b", 2)]), &none);
+        l.observe(t0 + TICK, &hb(&[("a", 1), ("b", 3)]), &none);
+        l.observe(t0 + Duration::from_secs(10), &hb(&[("a", 1), ("b", 3)]), &none);
+        assert!(!l.is_dead("a"));
+    }
+
+    #[test]
+    fn machines_known_only_from_the_schedule_die_after_a_ttl() {
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let referenced: BTreeSet<String> = ["gone".to_string()].into_iter().collect();
+        for i in 0..20u32 {
+            l.observe(t0 + TICK * i, &hb(&[("b", u64::from(i))]), &referenced);
+            if i < 10 {
+                assert!(!l.is_dead("gone"), "new leader waits a TTL (tick {i})");
+            }
+        }
+        assert!(l.is_dead("gone"));
+    }
+}

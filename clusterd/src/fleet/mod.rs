@@ -1,0 +1,45 @@
+//! fleet: schedule units across the cluster and run them on each machine's init.
+//!
+//! Owns: reading fleet's KV state into one consistent view ([`registry`]), the meaning of `[X-Fleet]` and of
+//! a unit's resource requests ([`units`]), the pure placement decision ([`scheduler`]), telling dead machines
+//! from a slow store ([`liveness`]), the engine loop that runs on the Raft leader ([`engine`]), the agent that
+//! runs on every machine and reconciles with the local init ([`agent`], [`init_client`]) and the agent's small
+//! HTTP surface for `fleetctl journal`/`status` ([`http`]). Key layout and records are the shared contract in
+//! `keel_model::fleet`.
+//! Does not: parse INI (keel-model does), run processes (init does), or touch the KV store except through
+//! proposals (engine) and the keys API (agent, `fleetctl`).
+
+pub mod agent;
+pub mod engine;
+pub mod http;
+pub mod init_client;
+pub mod liveness;
+pub mod registry;
+pub mod scheduler;
+pub mod units;
+
+use std::time::Duration;
+
+/// How often an agent refreshes its machine record.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// A machine whose heartbeat made no progress for this long, while other machines' heartbeats did, is dead.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(2);
+/// TTL of the machine record in the KV store (whole seconds): removes records of machines gone for good.
+pub const RECORD_TTL_SECS: u64 = 3;
+/// How often the engine looks at the cluster.
+pub const ENGINE_TICK: Duration = Duration::from_millis(200);
+/// How often the agent reconciles with init.
+pub const AGENT_TICK: Duration = Duration::from_millis(250);
+
+/// A stable 64-bit hash of a unit text, as hex (what `UnitState::hash` carries).
+pub fn text_hash(text: &str) -> String {
+    format!("{:016x}", crate::raft::fnv64(&[text]))
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
