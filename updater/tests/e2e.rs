@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -16,40 +16,6 @@ use sha2::{Digest, Sha256};
 
 const USR_LEN: usize = 24 << 20;
 
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a binary that prints `... http://ADDR` on stderr once listening.
-fn spawn(bin: &str, args: &[&str]) -> Proc {
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("{bin} exited before listening"))
-            .expect("stderr line");
-        if let Some(i) = line.find("http://") {
-            break line[i..].trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Proc { child, url }
-}
 
 struct World {
     dir: tempfile::TempDir,
@@ -101,6 +67,7 @@ fn world() -> World {
             "--data",
             data.to_str().expect("utf8"),
         ],
+        None,
     );
     let usr_a_sha = hex::encode(Sha256::digest(partition_bytes(&disk, Slot::A)));
     World {
@@ -164,7 +131,7 @@ impl World {
         args.extend_from_slice(extra);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn(env!("CARGO_BIN_EXE_update-engine"), &refs)
+        spawn(env!("CARGO_BIN_EXE_update-engine"), &refs, None)
     }
 
     fn machine(&self) -> Value {

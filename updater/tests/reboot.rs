@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -570,53 +569,6 @@ fn fleetlock_over_curl_shares_the_semaphore_with_locksmithctl() {
 // ---------------------------------------------------------------------------------------------------------
 // The reboot manager inside update-engine.
 
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a binary that prints `... http://ADDR` on stderr once listening; the rest of stderr goes to `log`.
-fn spawn(bin: &str, args: &[String], log: Option<PathBuf>) -> Proc {
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("{bin} exited before listening"))
-            .expect("stderr line");
-        if let Some(i) = line.find("http://") {
-            break line[i..].trim().to_string();
-        }
-    };
-    std::thread::spawn(move || {
-        let mut f = log.and_then(|l| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(l)
-                .ok()
-        });
-        for l in lines.map_while(Result::ok) {
-            if let Some(f) = f.as_mut() {
-                let _ = std::io::Write::write_all(f, format!("{l}\n").as_bytes());
-            }
-        }
-    });
-    Proc { child, url }
-}
 
 /// An update server with 1.1.0 published, a file-backed disk and ESP, and the cluster.
 struct Machine {

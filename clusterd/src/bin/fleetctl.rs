@@ -307,6 +307,11 @@ fn transition(ctl: &Ctl, t: Transition, desired: DesiredState) -> anyhow::Result
     let mut names = Vec::new();
     for arg in &t.units {
         let name = ensure_unit(ctl, arg)?;
+        if name.contains("@.") && Path::new(arg).is_file() {
+            // `fleetctl start ./web@.service web@1.service`: the template file is submitted for the instances
+            // named after it; a template itself never runs.
+            continue;
+        }
         if name.contains("@.") {
             bail!("{name} is a template; start its instances instead (e.g. {})", name.replace("@.", "@1."));
         }

@@ -121,3 +121,48 @@ pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) 
     }
     cond()
 }
+
+/// A child process killed and reaped on drop, with the URL it said it listens on.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a binary that prints `... http://ADDR` on stderr once listening; the rest of its stderr goes to
+/// `log` when given (appended), else is drained.
+pub fn spawn<S: AsRef<std::ffi::OsStr>>(bin: &str, args: &[S], log: Option<PathBuf>) -> Proc {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{bin} exited before listening"))
+            .expect("stderr line");
+        if let Some(i) = line.find("http://") {
+            break line[i..].trim().to_string();
+        }
+    };
+    std::thread::spawn(move || {
+        let mut f = log.and_then(|l| std::fs::OpenOptions::new().create(true).append(true).open(l).ok());
+        for l in lines.map_while(Result::ok) {
+            if let Some(f) = f.as_mut() {
+                let _ = f.write_all(format!("{l}\n").as_bytes());
+            }
+        }
+    });
+    Proc { child, url }
+}
