@@ -94,27 +94,37 @@ fn record(cfg: &AgentConfig) -> MachineRecord {
     }
 }
 
+/// Longest one heartbeat write may take. A write stuck in an election (or forwarded to a frozen leader) is
+/// abandoned after this and retried at once, so a healthy machine lands a heartbeat soon after a new leader
+/// is elected: within the new leader's grace (see `liveness`) and well within the TTL.
+const HEARTBEAT_WRITE_TIMEOUT: Duration = Duration::from_millis(800);
+/// Pause before retrying a heartbeat write that failed (e.g. refused while the old leader is dead and no new
+/// one is known yet): short, so the first heartbeat after an election lands almost at once.
+const HEARTBEAT_RETRY: Duration = Duration::from_millis(100);
+
 fn heartbeat_loop(cfg: &AgentConfig) {
-    let kv = Kv::new(cfg.kv_endpoints.clone(), Duration::from_millis(1500));
+    let kv = Kv::new(cfg.kv_endpoints.clone(), HEARTBEAT_WRITE_TIMEOUT);
     let key = fleet::machine_key(&cfg.machine_id);
     let value = serde_json::to_string(&record(cfg)).unwrap_or_default();
     let mut failing_since: Option<Instant> = None;
     loop {
         let started = Instant::now();
-        match kv.set(&key, &value, Some(RECORD_TTL_SECS)) {
+        let pause = match kv.set(&key, &value, Some(RECORD_TTL_SECS)) {
             Ok(()) => {
                 if let Some(since) = failing_since.take() {
                     tracing::warn!("fleet agent: heartbeat restored after {:.1} s", since.elapsed().as_secs_f64());
                 }
+                HEARTBEAT_INTERVAL
             }
             Err(e) => {
                 if failing_since.is_none() {
                     tracing::warn!("fleet agent: heartbeat failed: {e} (units keep running; retrying)");
                     failing_since = Some(Instant::now());
                 }
+                HEARTBEAT_RETRY
             }
-        }
-        std::thread::sleep(HEARTBEAT_INTERVAL.saturating_sub(started.elapsed()));
+        };
+        std::thread::sleep(pause.saturating_sub(started.elapsed()));
     }
 }
 

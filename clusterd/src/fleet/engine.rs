@@ -1,11 +1,12 @@
 //! The fleet engine: runs in every clusterd, acts only while this member is the Raft leader.
 //!
-//! Owns: the loop that, every [`ENGINE_TICK`](super::ENGINE_TICK) on the leader, reads the fleet tree from the
-//! local (leader's, hence current) state machine, updates the heartbeat tracker ([`Liveness`]), builds the
-//! scheduler's input (live, draining and dead machines; parsed units, cached by text) and proposes the
-//! resulting schedule changes through Raft. On losing leadership it forgets everything; on gaining it, it
-//! starts a fresh tracker, so no machine is declared dead before a full heartbeat TTL of healthy-store time
-//! under this leader. Does not: talk to init or to agents.
+//! Owns: the loop that, every [`ENGINE_TICK`](super::ENGINE_TICK) on every member, reads the fleet tree from the
+//! local state machine and updates the heartbeat tracker ([`Liveness`]) — followers apply the same log, so a
+//! member that becomes leader already knows how long each machine has been silent — and, on the leader only,
+//! builds the scheduler's input (live, draining and dead machines; parsed units, cached by text) and proposes
+//! the resulting schedule changes through Raft. On gaining leadership it gives every machine a short grace
+//! ([`Liveness::gained_leadership`]) to land a heartbeat delayed by the election. Does not: talk to init or to
+//! agents.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -26,26 +27,28 @@ type SpecCache = HashMap<String, (String, Result<Arc<FleetSpec>, Vec<String>>)>;
 
 /// Run forever (spawned by clusterd).
 pub async fn run(ctx: Arc<Ctx>) {
-    let mut term: Option<Liveness> = None;
+    let mut live = Liveness::new(HEARTBEAT_TTL, HEARTBEAT_INTERVAL, ENGINE_TICK);
+    let mut leading = false;
     let mut cache = SpecCache::new();
     let mut dead_before = BTreeSet::new();
     loop {
         tokio::time::sleep(ENGINE_TICK).await;
-        let leader = ctx.raft.metrics().borrow().current_leader == Some(ctx.id);
-        if !leader {
-            if term.take().is_some() {
-                tracing::info!("fleet engine: no longer the leader; standing by");
-            }
-            continue;
-        }
-        let live = term.get_or_insert_with(|| {
-            tracing::info!("fleet engine: leading; judging machines only after {:?} of heartbeats", HEARTBEAT_TTL);
-            Liveness::new(HEARTBEAT_TTL, HEARTBEAT_INTERVAL, ENGINE_TICK)
-        });
         let snap = read_local(&ctx);
         let referenced: BTreeSet<String> = snap.schedule.values().cloned().collect();
         let beats: BTreeMap<String, u64> = snap.machines.iter().map(|(id, m)| (id.clone(), m.modified)).collect();
         live.observe(Instant::now(), &beats, &referenced);
+        let leader = ctx.raft.metrics().borrow().current_leader == Some(ctx.id);
+        if leader && !leading {
+            live.gained_leadership();
+            tracing::info!("fleet engine: leading; machines silent so far get {:?} more of heartbeats", live.grace);
+        } else if !leader && leading {
+            tracing::info!("fleet engine: no longer the leader; standing by");
+            dead_before.clear();
+        }
+        leading = leader;
+        if !leader {
+            continue;
+        }
         let dead = live.dead();
         for id in dead.difference(&dead_before) {
             tracing::warn!("fleet engine: machine {id} missed heartbeats for {:?} while others did not: rescheduling its units", HEARTBEAT_TTL);

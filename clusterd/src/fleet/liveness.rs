@@ -3,10 +3,13 @@
 //! Owns: per-machine heartbeat bookkeeping for the engine. A machine is declared dead only when its
 //! heartbeat made no progress for [`Liveness::ttl`] of *healthy-store time*: time during which some other
 //! machine's heartbeat did land (the store accepted writes). While nobody's heartbeat lands (the store or
-//! the leader stalled, an election is running) no machine ages. A fresh tracker (after gaining leadership)
-//! starts every machine at zero, so the new leader always waits a full TTL before declaring anything dead,
-//! and one tick never counts for more than `max_step` (a stalled engine process does not age machines when
-//! it resumes). Pure: time is passed in.
+//! the leader stalled, an election is running) no machine ages. Every member keeps a tracker whether it leads
+//! or not (followers apply the same log), so a new leader already knows how long each machine has been
+//! silent; on gaining leadership ([`Liveness::gained_leadership`]) every machine gets at least
+//! [`Liveness::grace`] of healthy-store time under the new leader to land a heartbeat (one whose write was
+//! stuck in the election), so a leader change never causes a failover by itself. A fresh tracker (process
+//! start) starts every machine at zero, and one tick never counts for more than `max_step` (a stalled engine
+//! process does not age machines when it resumes). Pure: time is passed in.
 //! Does not: read the store or move units.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,10 +23,12 @@ struct Seen {
     stale_for: Duration,
 }
 
-/// Heartbeat tracker of one engine term.
+/// Heartbeat tracker of one engine (kept across leadership changes).
 #[derive(Debug, Clone)]
 pub struct Liveness {
     pub ttl: Duration,
+    /// Least healthy-store time a machine gets after this member gains leadership.
+    pub grace: Duration,
     /// The store counts as healthy while some heartbeat landed within this window.
     pub health_window: Duration,
     /// Most time one observation may add.
@@ -37,6 +42,7 @@ impl Liveness {
     pub fn new(ttl: Duration, heartbeat: Duration, tick: Duration) -> Liveness {
         Liveness {
             ttl,
+            grace: heartbeat.min(ttl),
             health_window: heartbeat * 2 + tick,
             max_step: tick * 2,
             seen: BTreeMap::new(),
@@ -81,6 +87,16 @@ impl Liveness {
             if !progressed.contains(id) {
                 s.stale_for += step;
             }
+        }
+    }
+
+    /// This member just became the leader: nobody is declared dead before another [`Liveness::grace`] of
+    /// healthy-store time, so a healthy machine whose heartbeat write was stuck in the election lands it first.
+    /// Machines already dead stay dead.
+    pub fn gained_leadership(&mut self) {
+        let (ttl, cap) = (self.ttl, self.ttl.saturating_sub(self.grace));
+        for s in self.seen.values_mut().filter(|s| s.stale_for < ttl) {
+            s.stale_for = s.stale_for.min(cap);
         }
     }
 
@@ -169,5 +185,72 @@ mod tests {
             }
         }
         assert!(l.is_dead("gone"));
+    }
+
+    #[test]
+    fn a_tracker_carried_across_a_leadership_change_judges_within_the_grace() {
+        // As a follower, the tracker already saw `a` go silent while `b` beat for 1.6 s.
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        for i in 0..=8u32 {
+            l.observe(t0 + TICK * i, &hb(&[("a", 1), ("b", 10 + u64::from(i))]), &none);
+        }
+        assert!(!l.is_dead("a"));
+        l.gained_leadership();
+        let mut dead_at = None;
+        for i in 9..30u32 {
+            l.observe(t0 + TICK * i, &hb(&[("a", 1), ("b", 10 + u64::from(i))]), &none);
+            if l.is_dead("a") && dead_at.is_none() {
+                dead_at = Some(i);
+            }
+        }
+        let dead_at = dead_at.expect("a dies under the new leader");
+        // Not before the grace (one heartbeat interval, 2.5 ticks) under the new leader, but well before a fresh TTL (10 ticks).
+        assert!((8 + 2..8 + 10).contains(&dead_at), "a declared dead at tick {dead_at}");
+        assert!(!l.is_dead("b"));
+    }
+
+    #[test]
+    fn healthy_machines_whose_heartbeat_lands_within_the_grace_survive_an_election() {
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        // Steady state: a, b, c beat; a's last heartbeat landed a little earlier than the others'.
+        l.observe(t0, &hb(&[("a", 1), ("b", 2), ("c", 3)]), &none);
+        l.observe(t0 + TICK, &hb(&[("a", 1), ("b", 5), ("c", 6)]), &none);
+        l.observe(t0 + TICK * 3, &hb(&[("a", 1), ("b", 7), ("c", 8)]), &none);
+        // The leader dies: nothing lands for 1.6 s (election); the health window lets ages run for a while.
+        for i in 4..=11u32 {
+            l.observe(t0 + TICK * i, &hb(&[("a", 1), ("b", 7), ("c", 8)]), &none);
+        }
+        // This member wins; b's stuck write lands at once, a's and c's (retried) one tick later. Without the
+        // grace, a (silent for 1.8 s of healthy-store time, then one more tick) would be declared dead.
+        l.gained_leadership();
+        let mut idx = 20;
+        for i in 12..=12u32 {
+            idx += 1;
+            l.observe(t0 + TICK * i, &hb(&[("a", 1), ("b", idx), ("c", 8)]), &none);
+            assert!(l.dead().is_empty(), "tick {i}: {:?}", l.dead());
+        }
+        for i in 13..40u32 {
+            idx += 3;
+            l.observe(t0 + TICK * i, &hb(&[("a", idx - 2), ("b", idx - 1), ("c", idx)]), &none);
+            assert!(l.dead().is_empty(), "tick {i}: {:?}", l.dead());
+        }
+    }
+
+    #[test]
+    fn a_machine_already_dead_stays_dead_when_leadership_changes() {
+        let mut l = tracker();
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        for i in 0..15u32 {
+            l.observe(t0 + TICK * i, &hb(&[("a", 1), ("b", 10 + u64::from(i))]), &none);
+        }
+        assert!(l.is_dead("a"));
+        l.gained_leadership();
+        assert!(l.is_dead("a"));
+        assert!(!l.is_dead("b"));
     }
 }
