@@ -2,10 +2,10 @@
 //!
 //! Owns: reading fleet's KV state into one consistent view ([`registry`]), the meaning of `[X-Fleet]` and of
 //! a unit's resource requests ([`units`]), the pure placement decision ([`scheduler`]), telling dead machines
-//! from a slow store ([`liveness`]), the engine loop that tracks heartbeats on every member and plans only on the Raft leader ([`engine`]), the agent that
-//! runs on every machine and reconciles with the local init ([`agent`], [`init_client`]) and the agent's small
-//! HTTP surface for `fleetctl journal`/`status` ([`http`]). Key layout and records are the shared contract in
-//! `keel_model::fleet`.
+//! from a slow store ([`liveness`]), the engine loop that tracks heartbeats on every member and plans only on
+//! the Raft leader ([`engine`]), the agent that runs on every machine and reconciles with the local init
+//! ([`agent`], [`init_client`]) and the agent's small HTTP surface for `fleetctl journal`/`status`
+//! ([`http`]). Key layout and records are the shared contract in `keel_model::fleet`.
 //! Does not: parse INI (keel-model does), run processes (init does), or touch the KV store except through
 //! proposals (engine) and the keys API (agent, `fleetctl`).
 
