@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use keel_model::lock::Semaphore;
-use keel_updater::payload::KeyPair;
 use keel_updater::reboot::kv::Kv;
 use keel_updater::reboot::lock::{LockClient, LockClientError};
 use serde_json::{json, Value};
@@ -586,12 +585,7 @@ impl Machine {
         let cluster = Cluster::start(3);
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = make_disk(dir.path());
-        let esp = dir.path().join("esp");
-        std::fs::create_dir_all(esp.join("EFI/Linux")).expect("esp");
-        std::fs::write(esp.join("EFI/Linux/keel-1.0.0-usr-a.efi"), b"uki 1.0.0").expect("uki");
-        let key = KeyPair::from_seed([7; 32]);
-        let keys = dir.path().join("keys");
-        key.write_to_dir(&keys).expect("keys");
+        let (esp, key, keys) = booted_esp_and_keys(dir.path());
         let data = dir.path().join("server");
         let server = spawn(
             env!("CARGO_BIN_EXE_updateserver"),

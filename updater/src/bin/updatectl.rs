@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
@@ -77,21 +77,9 @@ fn call(method: &str, url: &str, body: Option<Value>) -> Result<Value> {
         Some(b) => req.send_json(b),
         None => req.call(),
     };
-    match resp {
-        Ok(r) => Ok(r.into_json()?),
-        Err(ureq::Error::Status(code, r)) => {
-            let v: Value = r.into_json().unwrap_or(Value::Null);
-            bail!(
-                "{} (HTTP {code})",
-                v.get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("request failed")
-            )
-        }
-        Err(e) => Err(e).with_context(|| {
-            format!("cannot reach update-engine at {url}; is it running? (see --endpoint)")
-        }),
-    }
+    keel_updater::json_reply(resp, "", || {
+        format!("cannot reach update-engine at {url}; is it running? (see --endpoint)")
+    })
 }
 
 fn print_status(s: &Value) {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use keel_updater::server::{http, Config};
 use serde_json::Value;
@@ -158,24 +158,9 @@ impl Client {
         }
     }
     fn done(&self, r: std::result::Result<ureq::Response, ureq::Error>) -> Result<Value> {
-        match r {
-            Ok(r) => Ok(r.into_json()?),
-            Err(ureq::Error::Status(code, r)) => {
-                let v: Value = r.into_json().unwrap_or(Value::Null);
-                bail!(
-                    "server: {} (HTTP {code})",
-                    v.get("error")
-                        .and_then(|e| e.as_str())
-                        .unwrap_or("request failed")
-                )
-            }
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "cannot reach {}; is updateserver running? (--server)",
-                    self.base
-                )
-            }),
-        }
+        keel_updater::json_reply(r, "server: ", || {
+            format!("cannot reach {}; is updateserver running? (--server)", self.base)
+        })
     }
 }
 

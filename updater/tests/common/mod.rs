@@ -166,3 +166,15 @@ pub fn spawn<S: AsRef<std::ffi::OsStr>>(bin: &str, args: &[S], log: Option<PathB
     });
     Proc { child, url }
 }
+
+/// The machine under test as version 1.0.0 booted it: an ESP directory holding slot A's kernel image, and the
+/// trusted key (a fixed seed, so payloads built by the test verify) written to `<dir>/keys`.
+pub fn booted_esp_and_keys(dir: &Path) -> (PathBuf, KeyPair, PathBuf) {
+    let esp = dir.join("esp");
+    std::fs::create_dir_all(esp.join("EFI/Linux")).expect("esp");
+    std::fs::write(esp.join("EFI/Linux/keel-1.0.0-usr-a.efi"), b"uki 1.0.0").expect("uki");
+    let key = KeyPair::from_seed([7; 32]);
+    let keys = dir.join("keys");
+    key.write_to_dir(&keys).expect("keys");
+    (esp, key, keys)
+}
