@@ -90,6 +90,11 @@ pub struct Config {
     pub token: String,
     /// Raft log entries between snapshots.
     pub snapshot_count: u64,
+    /// Leader heartbeat period, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Base election timeout, milliseconds: a follower that hears nothing from the leader for
+    /// 2× this (openraft's leader lease) plus a random 1–2× this starts an election.
+    pub election_timeout_ms: u64,
 }
 
 /// Parse `http://host:port` into a socket address.
@@ -624,9 +629,9 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     let id = member_id(&cfg.peer_url, &cfg.token);
     let raft_cfg = openraft::Config {
         cluster_name: "keel".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 600,
-        election_timeout_max: 1200,
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_timeout_ms,
+        election_timeout_max: cfg.election_timeout_ms * 2,
         install_snapshot_timeout: 5000,
         max_payload_entries: 512,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),

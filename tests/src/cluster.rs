@@ -78,7 +78,8 @@ pub fn cloud_config(spec: &ClusterSpec, i: usize, addrs: &[String]) -> String {
          keel:\n  network:\n    - interface: eth0\n      address: {addr}/24\n      gateway: {BRIDGE_ADDR}\n\
          \x20 clusterd:\n    name: {name}\n    data_dir: /var/lib/keel/clusterd\n\
          \x20   initial_cluster: {}\n    listen_client_urls: http://{addr}:2379,http://127.0.0.1:2379\n\
-         \x20   advertise_client_urls: http://{addr}:2379\n    listen_peer_urls: http://{addr}:2380\n",
+         \x20   advertise_client_urls: http://{addr}:2379\n    listen_peer_urls: http://{addr}:2380\n\
+         \x20   election_timeout: 600\n",
         initial.join(",")
     );
     if let Some(u) = &spec.update {

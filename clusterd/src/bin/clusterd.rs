@@ -76,6 +76,15 @@ struct Args {
     /// Raft log entries between two snapshots (older entries are then compacted).
     #[arg(long, default_value_t = 10_000)]
     snapshot_count: u64,
+    /// Milliseconds between the leader's heartbeats to the other members.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=5_000))]
+    heartbeat_interval: u64,
+    /// Base election timeout in milliseconds (at least 3x --heartbeat-interval). A member that hears nothing
+    /// from the leader for 3-4x this value starts an election (openraft keeps the leader's lease, 2x, before
+    /// the randomised 1-2x timeout), so the default 300 replaces a dead leader in about 1 s. Raise it on
+    /// machines whose members can be starved of CPU for longer than that (e.g. busy emulated VMs).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(30..=60_000))]
+    election_timeout: u64,
     /// Discovery token URL (from `clusterd discovery`'s /new?size=N): wait for the cluster's members to
     /// register there instead of using --initial-cluster.
     #[arg(long)]
@@ -149,6 +158,13 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         (None, Some(s)) => server::parse_initial_cluster(s)?,
         (None, None) => [(a.name.clone(), a.initial_advertise_peer_urls.clone().unwrap_or_else(|| listen_peer.clone()))].into_iter().collect(),
     };
+    if a.election_timeout < 3 * a.heartbeat_interval {
+        anyhow::bail!(
+            "--election-timeout {} ms is less than 3x --heartbeat-interval {} ms: members would elect while the leader is healthy; raise --election-timeout or lower --heartbeat-interval",
+            a.election_timeout,
+            a.heartbeat_interval
+        );
+    }
     let peer_url = match &a.initial_advertise_peer_urls {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => initial.get(&a.name).cloned().unwrap_or_else(|| listen_peer.clone()),
@@ -165,6 +181,8 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         state: if a.initial_cluster_state == "existing" { ClusterState::Existing } else { ClusterState::New },
         token: a.cluster_token.clone(),
         snapshot_count: a.snapshot_count.max(100),
+        heartbeat_ms: a.heartbeat_interval,
+        election_timeout_ms: a.election_timeout,
     })
 }
 
