@@ -170,6 +170,57 @@ fn restarting_every_member_keeps_data() {
     }
 }
 
+/// `keel_raft_log_first_index` of member `i` (the first log entry still in its store file).
+fn log_first_index(c: &Cluster, i: usize) -> Option<u64> {
+    let r = request("GET", &c.url(i, "/metrics"), None, Duration::from_secs(2)).ok()?;
+    r.body.lines().find_map(|l| l.strip_prefix("keel_raft_log_first_index ")).and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn compacted_entries_leave_the_store_file_a_chunk_at_a_time_and_survive_restarts() {
+    let mut c = Cluster::create(3, false);
+    c.snapshot_count = 100;
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_ready();
+    for i in 0..400 {
+        c.put(i % 3, &format!("/purge/k{i}"), &format!("v{i}")).expect("put");
+    }
+    // Every member snapshots and purges; the entries before the purge point then leave the file (in
+    // chunks, between appends or when idle) until the file starts right after it.
+    let settled = |c: &Cluster, i: usize| -> Option<u64> {
+        let purged = c.status(i)?["purgedIndex"].as_u64()?;
+        (purged > 0 && log_first_index(c, i)? == purged + 1).then_some(purged)
+    };
+    for i in 0..3 {
+        wait_until(&format!("member {i}'s file to start after its purge point"), Duration::from_secs(20), || settled(&c, i));
+    }
+    // kill -9 one member mid-way through more writes, stop the others cleanly: all data back, and each
+    // file still starts right after its purge point.
+    for i in 400..500 {
+        let to = if i > 450 { i % 2 } else { i % 3 };
+        c.put(to, &format!("/purge/k{i}"), &format!("v{i}")).expect("put");
+        if i == 450 {
+            c.kill9(2);
+        }
+    }
+    c.stop(0);
+    c.stop(1);
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_ready();
+    for i in (0..500).step_by(7) {
+        assert_eq!(c.value(i % 3, &format!("/purge/k{i}"), false).as_deref(), Some(format!("v{i}").as_str()), "lost /purge/k{i}");
+    }
+    for i in 0..3 {
+        wait_until(&format!("member {i}'s file to start after its purge point after the restart"), Duration::from_secs(20), || {
+            settled(&c, i)
+        });
+    }
+}
+
 #[test]
 fn members_are_added_removed_and_a_corrupt_member_is_readded_empty() {
     let mut c = Cluster::create(3, false);

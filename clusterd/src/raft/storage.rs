@@ -3,7 +3,7 @@
 //! Owns: `<data-dir>/clusterd.redb` and everything in it. Log appends go to a single writer thread that
 //! drains every queued operation into ONE redb write transaction committed with `Durability::Immediate`
 //! (group commit, like etcd's batched fsync) and only then fires openraft's `LogFlushed` callbacks.
-//! Entries queued but not yet committed are served to readers from an in-memory overlay.
+//! Entries queued but not yet committed, and the last few hundred after that, are served to readers from memory.
 //!
 //! The state machine ([`Sm`]) lives in memory and is persisted, together with its last-applied log id and
 //! membership, in the same redb transaction whenever a snapshot is built or installed. On restart it is
@@ -12,7 +12,7 @@
 //! failure is a [`StorageError::Corrupt`] and the member refuses to start rather than serve wrong data.
 //! Does not: decide what entries mean (see `kv`) or talk to peers (see `network`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -99,13 +99,15 @@ pub struct StorageMetrics {
     pub entries: AtomicU64,
     /// Last committed index reported by openraft.
     pub committed: AtomicU64,
+    /// First log index still in the file (purged entries are dropped a chunk at a time).
+    pub log_front: AtomicU64,
 }
 
 /// Bucket bounds of `fsync_buckets`, seconds (the last is +Inf).
 pub const FSYNC_BUCKETS: [f64; 4] = [0.001, 0.005, 0.02, 0.1];
 
 enum Op {
-    Append { entries: Vec<(u64, Vec<u8>)>, last: u64, cb: LogFlushed<TypeConfig> },
+    Append { entries: Vec<(LogId<u64>, Vec<u8>)>, cb: LogFlushed<TypeConfig> },
     Vote { bytes: Vec<u8>, done: tokio::sync::oneshot::Sender<Result<(), String>> },
     Committed { bytes: Vec<u8> },
     Truncate { from: u64, done: tokio::sync::oneshot::Sender<Result<(), String>> },
@@ -115,8 +117,10 @@ enum Op {
 struct Shared {
     db: Database,
     path: PathBuf,
-    /// Entries queued to the writer but not yet known committed: index → (log id, bytes).
-    pending: Mutex<BTreeMap<u64, (LogId<u64>, Vec<u8>)>>,
+    /// Recent entries, decoded: index → (entry, durable). Holds every entry queued to the writer and not yet
+    /// committed to the file (readers see it at once) and, once durable, the last [`RECENT_KEEP`] of them, so
+    /// replication to followers reads memory instead of the file and skips decoding.
+    recent: Mutex<BTreeMap<u64, (Entry<TypeConfig>, bool)>>,
     last_purged: Mutex<Option<LogId<u64>>>,
     last_log: Mutex<Option<LogId<u64>>>,
     metrics: Arc<StorageMetrics>,
@@ -181,6 +185,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         w.commit().map_err(|e| corrupt(e.to_string()))?;
     }
     // Decode everything once: a damaged record means we refuse to start.
+    let first_index;
     let (last_purged, last_log, snapshot) = {
         let r = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
         let meta = r.open_table(META).map_err(|e| corrupt(e.to_string()))?;
@@ -199,6 +204,11 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
             None => None,
         };
         let log = r.open_table(LOG).map_err(|e| corrupt(e.to_string()))?;
+        // Where the file's log starts; an empty log has nothing left to drop after the purge point.
+        first_index = match log.first().map_err(|e| corrupt(e.to_string()))? {
+            Some((k, _)) => k.value(),
+            None => last_purged.map_or(0, |l| l.index + 1),
+        };
         let mut last_log = last_purged;
         let mut expect: Option<u64> = None;
         for item in log.iter().map_err(|e| corrupt(e.to_string()))? {
@@ -222,7 +232,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
     let shared = Arc::new(Shared {
         db,
         path,
-        pending: Mutex::new(BTreeMap::new()),
+        recent: Mutex::new(BTreeMap::new()),
         last_purged: Mutex::new(last_purged),
         last_log: Mutex::new(last_log),
         metrics,
@@ -231,7 +241,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
     let wshared = shared.clone();
     std::thread::Builder::new()
         .name("raft-log-writer".into())
-        .spawn(move || writer(wshared, rx))
+        .spawn(move || writer(wshared, rx, first_index))
         .map_err(|e| StorageError::Redb { path: dir.to_path_buf(), detail: format!("cannot start writer: {e}") })?;
     let (applied_tx, _) = tokio::sync::watch::channel(index);
     Ok((
@@ -260,20 +270,55 @@ fn record_fsync(m: &StorageMetrics, el: std::time::Duration) {
     m.fsync_buckets[b].fetch_add(1, Ordering::Relaxed);
 }
 
+/// Log entries a writer transaction deletes at most from the front of the log after a purge. Purged entries
+/// are dropped a few at a time, in the transactions that append new ones (or in idle moments), so compaction
+/// never holds up an append: deleting thousands of entries in one transaction stalled every write for 100+ ms.
+const PURGE_CHUNK: u64 = 64;
+
+/// Durable entries kept decoded in memory after they reach the file (see `Shared::recent`).
+const RECENT_KEEP: usize = 256;
+
 /// The single log writer: drain the queue, one transaction, commit, then acknowledge everything in it.
-fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
+    // Entries with index < `front` are gone from the file; `goal` is the last index openraft purged.
+    let mut goal: Option<u64> = shared.last_purged.lock().ok().and_then(|p| p.map(|l| l.index));
+    shared.metrics.log_front.store(front, Ordering::Relaxed);
+    loop {
+        let backlog = goal.is_some_and(|g| front <= g);
+        let first = if backlog {
+            match rx.recv_timeout(std::time::Duration::from_millis(10)) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => Some(op),
+                Err(_) => return,
+            }
+        };
+        let mut batch: Vec<Op> = first.into_iter().collect();
         while let Ok(op) = rx.try_recv() {
             batch.push(op);
             if batch.len() >= 4096 {
                 break;
             }
         }
+        for op in &batch {
+            if let Op::Purge { upto, .. } = op {
+                goal = Some(goal.map_or(*upto, |g| g.max(*upto)));
+            }
+        }
+        // Physically drop the next chunk of purged entries (never more than PURGE_CHUNK per transaction).
+        let drop_to = goal.filter(|g| front <= *g).map(|g| g.min(front + PURGE_CHUNK - 1));
         let start = Instant::now();
         // The committed index is a hint (openraft re-learns it from the leader): alone it does not cost an
         // fsync; it becomes durable with the next log or vote write.
         let needs_sync = batch.iter().any(|op| !matches!(op, Op::Committed { .. }));
+        if batch.is_empty() && drop_to.is_none() {
+            continue;
+        }
+        let mut new_front = None;
         let res = (|| -> Result<(), String> {
             let mut w = shared.db.begin_write().map_err(|e| e.to_string())?;
             w.set_durability(if needs_sync { Durability::Immediate } else { Durability::None });
@@ -283,8 +328,8 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
                 for op in &batch {
                     match op {
                         Op::Append { entries, .. } => {
-                            for (i, b) in entries {
-                                log.insert(*i, b.as_slice()).map_err(|e| e.to_string())?;
+                            for (id, b) in entries {
+                                log.insert(id.index, b.as_slice()).map_err(|e| e.to_string())?;
                             }
                         }
                         Op::Vote { bytes, .. } => {
@@ -296,16 +341,25 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
                         Op::Truncate { from, .. } => {
                             log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
                         }
-                        Op::Purge { upto, bytes, .. } => {
-                            log.retain_in(..=*upto, |_, _| false).map_err(|e| e.to_string())?;
+                        Op::Purge { bytes, .. } => {
                             meta.insert("last_purged", bytes.as_slice()).map_err(|e| e.to_string())?;
                         }
                     }
+                }
+                if let Some(to) = drop_to {
+                    log.retain_in(front..=to, |_, _| false).map_err(|e| e.to_string())?;
+                    // Where the log now starts (jumps over gaps, e.g. after a snapshot replaced the log).
+                    let first = log.first().map_err(|e| e.to_string())?.map(|(k, _)| k.value());
+                    new_front = Some(first.unwrap_or(to + 1).max(to + 1));
                 }
             }
             w.commit().map_err(|e| e.to_string())
         })();
         let el = start.elapsed();
+        if let (Ok(()), Some(f)) = (&res, new_front) {
+            front = f;
+            shared.metrics.log_front.store(front, Ordering::Relaxed);
+        }
         let m = &shared.metrics;
         if needs_sync {
             record_fsync(m, el);
@@ -315,16 +369,25 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
         }
         for op in batch {
             match op {
-                Op::Append { entries, last, cb } => {
+                Op::Append { entries, cb } => {
                     m.entries.fetch_add(entries.len() as u64, Ordering::Relaxed);
                     if res.is_ok() {
-                        if let Ok(mut p) = shared.pending.lock() {
-                            // Drop committed entries from the overlay, unless replaced meanwhile.
-                            let keys: Vec<u64> = p.range(..=last).map(|(k, _)| *k).collect();
-                            let committed: HashMap<u64, &Vec<u8>> = entries.iter().map(|(i, b)| (*i, b)).collect();
-                            for k in keys {
-                                if p.get(&k).is_some_and(|(_, b)| committed.get(&k).is_some_and(|c| *c == b)) {
-                                    p.remove(&k);
+                        if let Ok(mut r) = shared.recent.lock() {
+                            // Mark what is now in the file (unless replaced meanwhile by a truncate and
+                            // re-append), then forget the oldest durable entries beyond RECENT_KEEP.
+                            for (id, _) in &entries {
+                                if let Some((e, durable)) = r.get_mut(&id.index) {
+                                    if e.log_id == *id {
+                                        *durable = true;
+                                    }
+                                }
+                            }
+                            while r.len() > RECENT_KEEP {
+                                match r.first_entry() {
+                                    Some(f) if f.get().1 => {
+                                        f.remove();
+                                    }
+                                    _ => break,
                                 }
                             }
                         }
@@ -348,7 +411,18 @@ impl LogStore {
     }
 
     fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry<TypeConfig>>, StorageErr> {
-        let mut out: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let range: (Bound<u64>, Bound<u64>) = (Bound::Included(start), end.map(Bound::Excluded).unwrap_or(Bound::Unbounded));
+        // The usual case (replication of what was just appended): everything is in memory.
+        let mut from_memory: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
+        if let Ok(r) = self.shared.recent.lock() {
+            for (k, (e, _)) in r.range(range) {
+                from_memory.insert(*k, e.clone());
+            }
+        }
+        if from_memory.first_key_value().is_some_and(|(k, _)| *k == start) {
+            return Ok(contiguous(start, from_memory));
+        }
+        let mut out: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
         {
             let r = self.shared.db.begin_read().map_err(rderr)?;
             let log = r.open_table(LOG).map_err(rderr)?;
@@ -357,29 +431,32 @@ impl LogStore {
                 None => log.range(start..),
             }
             .map_err(rderr)?;
+            let memory_from = from_memory.first_key_value().map(|(k, _)| *k);
             for item in iter {
                 let (k, v) = item.map_err(rderr)?;
-                out.insert(k.value(), v.value().to_vec());
+                if memory_from.is_some_and(|m| k.value() >= m) {
+                    break;
+                }
+                out.insert(k.value(), serde_json::from_slice(v.value()).map_err(rderr)?);
             }
         }
-        if let Ok(p) = self.shared.pending.lock() {
-            let range: (Bound<u64>, Bound<u64>) =
-                (Bound::Included(start), end.map(Bound::Excluded).unwrap_or(Bound::Unbounded));
-            for (k, (_, b)) in p.range(range) {
-                out.insert(*k, b.clone());
-            }
-        }
-        let mut v = Vec::with_capacity(out.len());
-        let mut expect = start;
-        for (k, b) in out {
-            if k != expect {
-                break;
-            }
-            expect += 1;
-            v.push(serde_json::from_slice(&b).map_err(rderr)?);
-        }
-        Ok(v)
+        out.extend(from_memory);
+        Ok(contiguous(start, out))
     }
+}
+
+/// The entries from `start` on, up to the first gap.
+fn contiguous(start: u64, m: BTreeMap<u64, Entry<TypeConfig>>) -> Vec<Entry<TypeConfig>> {
+    let mut v = Vec::with_capacity(m.len());
+    let mut expect = start;
+    for (k, e) in m {
+        if k != expect {
+            break;
+        }
+        expect += 1;
+        v.push(e);
+    }
+    v
 }
 
 fn bounds(r: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
@@ -402,8 +479,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageErr> {
         let (s, e) = bounds(&range);
-        let this = self.clone();
-        tokio::task::block_in_place(move || this.read_range(s, e))
+        // A short read of the file (or of memory): cheaper inline than handing the worker thread off.
+        self.read_range(s, e)
     }
 }
 
@@ -459,12 +536,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = Vec::new();
         let mut last = None;
         {
-            let mut p = self.shared.pending.lock().map_err(sterr)?;
+            let mut r = self.shared.recent.lock().map_err(sterr)?;
             for e in entries {
                 let b = serde_json::to_vec(&e).map_err(sterr)?;
-                p.insert(e.log_id.index, (e.log_id, b.clone()));
-                batch.push((e.log_id.index, b));
+                batch.push((e.log_id, b));
                 last = Some(e.log_id);
+                r.insert(e.log_id.index, (e, false));
             }
         }
         let Some(last) = last else {
@@ -473,14 +550,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         *self.shared.last_log.lock().map_err(sterr)? = Some(last);
         self.tx
-            .send(Op::Append { entries: batch, last: last.index, cb: callback })
+            .send(Op::Append { entries: batch, cb: callback })
             .map_err(|_| sterr("log writer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageErr> {
         {
-            let mut p = self.shared.pending.lock().map_err(sterr)?;
-            let _ = p.split_off(&log_id.index);
+            let mut r = self.shared.recent.lock().map_err(sterr)?;
+            let _ = r.split_off(&log_id.index);
         }
         let from = log_id.index;
         self.call(|done| Op::Truncate { from, done }).await?;
@@ -495,8 +572,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let bytes = serde_json::to_vec(&Some(log_id)).map_err(sterr)?;
         let upto = log_id.index;
         {
-            let mut p = self.shared.pending.lock().map_err(sterr)?;
-            *p = p.split_off(&(upto + 1));
+            let mut r = self.shared.recent.lock().map_err(sterr)?;
+            *r = r.split_off(&(upto + 1));
         }
         self.call(|done| Op::Purge { upto, bytes, done }).await?;
         *self.shared.last_purged.lock().map_err(sterr)? = Some(log_id);
