@@ -127,7 +127,7 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<String, String>, Server
 }
 
 /// Errors of a proposal or linearizable read.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     /// This member is not the leader; the leader's peer URL if known.
     #[error("not the leader")]
@@ -185,6 +185,8 @@ pub struct Ctx {
     pub watchers: AtomicI64,
     /// Start time (Unix ns).
     pub start_nanos: i64,
+    /// Linearizable reads waiting for a shared leadership check.
+    reads: Arc<std::sync::Mutex<ReadQueue>>,
     /// Queue of the proposal batcher.
     batch_tx: tokio::sync::mpsc::UnboundedSender<(RaftRequest, tokio::sync::oneshot::Sender<Result<RaftResponse, ProposeError>>)>,
 }
@@ -192,7 +194,7 @@ pub struct Ctx {
 /// Most proposals carried by one log entry.
 const MAX_BATCH: usize = 512;
 /// Batches in flight at once.
-const BATCHES_IN_FLIGHT: usize = 3;
+const BATCHES_IN_FLIGHT: usize = 2;
 
 type Pending = (RaftRequest, tokio::sync::oneshot::Sender<Result<RaftResponse, ProposeError>>);
 
@@ -234,15 +236,42 @@ async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pendin
                 }
                 Err(e) => {
                     for tx in txs {
-                        let _ = tx.send(Err(match &e {
-                            ProposeError::NotLeader(u) => ProposeError::NotLeader(u.clone()),
-                            ProposeError::Timeout => ProposeError::Timeout,
-                            ProposeError::Fatal(m) => ProposeError::Fatal(m.clone()),
-                        }));
+                        let _ = tx.send(Err(e.clone()));
                     }
                 }
             }
         });
+    }
+}
+
+/// Linearizable reads waiting for a leadership check (see [`Ctx::linearize`]).
+#[derive(Default)]
+pub struct ReadQueue {
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), ProposeError>>>,
+    checking: bool,
+}
+
+/// Run leadership checks until no read is waiting; each check answers the reads queued before it started.
+async fn read_checker(raft: Raft, q: Arc<std::sync::Mutex<ReadQueue>>) {
+    loop {
+        let batch = {
+            let mut q = q.lock().unwrap_or_else(|e| e.into_inner());
+            if q.waiting.is_empty() {
+                q.checking = false;
+                return;
+            }
+            std::mem::take(&mut q.waiting)
+        };
+        let r = match tokio::time::timeout(PROPOSE_TIMEOUT, raft.ensure_linearizable()).await {
+            Err(_) => Err(ProposeError::Timeout),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(map_forward(Some(&f))),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(ProposeError::Timeout),
+            Ok(Err(e)) => Err(ProposeError::Fatal(e.to_string())),
+        };
+        for tx in batch {
+            let _ = tx.send(r.clone());
+        }
     }
 }
 
@@ -312,14 +341,21 @@ impl Ctx {
     }
 
     /// Confirm leadership with a quorum and wait until the local state has applied the read index.
+    ///
+    /// Concurrent reads share one check (like etcd's ReadIndex batching): a read joins the queue, and the next
+    /// check to *start* after it joined answers it, so every write acknowledged before the read arrived is in
+    /// the state it then reads. One check at a time; reads arriving meanwhile wait for the next.
     pub async fn linearize(&self) -> Result<(), ProposeError> {
-        match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(ProposeError::Timeout),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(map_forward(Some(&f))),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(ProposeError::Timeout),
-            Ok(Err(e)) => Err(ProposeError::Fatal(e.to_string())),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_checker = {
+            let mut q = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+            q.waiting.push(tx);
+            !std::mem::replace(&mut q.checking, true)
+        };
+        if start_checker {
+            tokio::spawn(read_checker(self.raft.clone(), self.reads.clone()));
         }
+        rx.await.unwrap_or_else(|_| Err(ProposeError::Fatal("read check stopped".into())))
     }
 
     /// Proxy a client request to the leader's peer listener.
@@ -662,6 +698,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         storage_metrics: metrics,
         proposals: AtomicU64::new(0),
         proposals_failed: AtomicU64::new(0),
+        reads: Arc::default(),
         forwarded: AtomicU64::new(0),
         watchers: AtomicI64::new(0),
         start_nanos: crate::kv::time::now_nanos(),
