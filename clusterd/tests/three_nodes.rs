@@ -185,7 +185,8 @@ fn compacted_entries_leave_the_store_file_a_chunk_at_a_time_and_survive_restarts
     }
     c.wait_ready();
     for i in 0..400 {
-        c.put(i % 3, &format!("/purge/k{i}"), &format!("v{i}")).expect("put");
+        let r = c.put(i % 3, &format!("/purge/k{i}"), &format!("v{i}")).expect("put");
+        assert!(matches!(r.status, 200 | 201), "{}", r.body);
     }
     // Every member snapshots and purges; the entries before the purge point then leave the file (in
     // chunks, between appends or when idle) until the file starts right after it.
@@ -200,7 +201,11 @@ fn compacted_entries_leave_the_store_file_a_chunk_at_a_time_and_survive_restarts
     // file still starts right after its purge point.
     for i in 400..500 {
         let to = if i > 450 { i % 2 } else { i % 3 };
-        c.put(to, &format!("/purge/k{i}"), &format!("v{i}")).expect("put");
+        // Writes right after the kill may meet an election: retry until acknowledged.
+        wait_until(&format!("/purge/k{i} acknowledged"), Duration::from_secs(20), || {
+            let r = c.put(to, &format!("/purge/k{i}"), &format!("v{i}")).ok()?;
+            matches!(r.status, 200 | 201).then_some(())
+        });
         if i == 450 {
             c.kill9(2);
         }

@@ -117,10 +117,10 @@ enum Op {
 struct Shared {
     db: Database,
     path: PathBuf,
-    /// Recent entries, decoded: index → (entry, durable). Holds every entry queued to the writer and not yet
-    /// committed to the file (readers see it at once) and, once durable, the last [`RECENT_KEEP`] of them, so
-    /// replication to followers reads memory instead of the file and skips decoding.
-    recent: Mutex<BTreeMap<u64, (Entry<TypeConfig>, bool)>>,
+    /// Recent entries, decoded. Holds every entry queued to the writer and not yet committed to the file
+    /// (readers see it at once) and, once durable, the last few (see [`RECENT_KEEP`]), so replication to
+    /// followers reads memory instead of the file and skips decoding.
+    recent: Mutex<Recent>,
     last_purged: Mutex<Option<LogId<u64>>>,
     last_log: Mutex<Option<LogId<u64>>>,
     metrics: Arc<StorageMetrics>,
@@ -232,7 +232,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
     let shared = Arc::new(Shared {
         db,
         path,
-        recent: Mutex::new(BTreeMap::new()),
+        recent: Mutex::new(Recent::default()),
         last_purged: Mutex::new(last_purged),
         last_log: Mutex::new(last_log),
         metrics,
@@ -275,8 +275,59 @@ fn record_fsync(m: &StorageMetrics, el: std::time::Duration) {
 /// never holds up an append: deleting thousands of entries in one transaction stalled every write for 100+ ms.
 const PURGE_CHUNK: u64 = 64;
 
-/// Durable entries kept decoded in memory after they reach the file (see `Shared::recent`).
+/// Durable entries kept decoded in memory after they reach the file (see `Shared::recent`): at most this
+/// many, and at most [`RECENT_KEEP_BYTES`] of their encoded size.
 const RECENT_KEEP: usize = 256;
+const RECENT_KEEP_BYTES: usize = 8 << 20;
+
+/// Recent log entries: index → (entry, durable, encoded size), and the total encoded size.
+#[derive(Default)]
+struct Recent {
+    entries: BTreeMap<u64, (Entry<TypeConfig>, bool, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn insert(&mut self, e: Entry<TypeConfig>, len: usize) {
+        if let Some((_, _, old)) = self.entries.insert(e.log_id.index, (e, false, len)) {
+            self.bytes -= old;
+        }
+        self.bytes += len;
+    }
+
+    /// Drop every entry with index >= `from`.
+    fn truncate(&mut self, from: u64) {
+        let gone = self.entries.split_off(&from);
+        self.bytes -= gone.values().map(|(_, _, l)| l).sum::<usize>();
+    }
+
+    /// Drop every entry with index <= `upto`.
+    fn purge(&mut self, upto: u64) {
+        let keep = self.entries.split_off(&(upto + 1));
+        let gone = std::mem::replace(&mut self.entries, keep);
+        self.bytes -= gone.values().map(|(_, _, l)| l).sum::<usize>();
+    }
+
+    /// Mark entries as in the file (unless replaced meanwhile by a truncate and re-append), then forget the
+    /// oldest durable ones beyond the limits.
+    fn durable(&mut self, ids: impl Iterator<Item = LogId<u64>>) {
+        for id in ids {
+            if let Some((e, durable, _)) = self.entries.get_mut(&id.index) {
+                if e.log_id == id {
+                    *durable = true;
+                }
+            }
+        }
+        while self.entries.len() > RECENT_KEEP || self.bytes > RECENT_KEEP_BYTES {
+            match self.entries.first_entry() {
+                Some(f) if f.get().1 => {
+                    self.bytes -= f.remove().2;
+                }
+                _ => break,
+            }
+        }
+    }
+}
 
 /// The single log writer: drain the queue, one transaction, commit, then acknowledge everything in it.
 fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
@@ -373,23 +424,7 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
                     m.entries.fetch_add(entries.len() as u64, Ordering::Relaxed);
                     if res.is_ok() {
                         if let Ok(mut r) = shared.recent.lock() {
-                            // Mark what is now in the file (unless replaced meanwhile by a truncate and
-                            // re-append), then forget the oldest durable entries beyond RECENT_KEEP.
-                            for (id, _) in &entries {
-                                if let Some((e, durable)) = r.get_mut(&id.index) {
-                                    if e.log_id == *id {
-                                        *durable = true;
-                                    }
-                                }
-                            }
-                            while r.len() > RECENT_KEEP {
-                                match r.first_entry() {
-                                    Some(f) if f.get().1 => {
-                                        f.remove();
-                                    }
-                                    _ => break,
-                                }
-                            }
+                            r.durable(entries.iter().map(|(id, _)| *id));
                         }
                     }
                     cb.log_io_completed(res.clone().map_err(io_err));
@@ -415,7 +450,7 @@ impl LogStore {
         // The usual case (replication of what was just appended): everything is in memory.
         let mut from_memory: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
         if let Ok(r) = self.shared.recent.lock() {
-            for (k, (e, _)) in r.range(range) {
+            for (k, (e, _, _)) in r.entries.range(range) {
                 from_memory.insert(*k, e.clone());
             }
         }
@@ -539,9 +574,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut r = self.shared.recent.lock().map_err(sterr)?;
             for e in entries {
                 let b = serde_json::to_vec(&e).map_err(sterr)?;
-                batch.push((e.log_id, b));
                 last = Some(e.log_id);
-                r.insert(e.log_id.index, (e, false));
+                let id = e.log_id;
+                r.insert(e, b.len());
+                batch.push((id, b));
             }
         }
         let Some(last) = last else {
@@ -556,8 +592,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageErr> {
         {
-            let mut r = self.shared.recent.lock().map_err(sterr)?;
-            let _ = r.split_off(&log_id.index);
+            self.shared.recent.lock().map_err(sterr)?.truncate(log_id.index);
         }
         let from = log_id.index;
         self.call(|done| Op::Truncate { from, done }).await?;
@@ -572,8 +607,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let bytes = serde_json::to_vec(&Some(log_id)).map_err(sterr)?;
         let upto = log_id.index;
         {
-            let mut r = self.shared.recent.lock().map_err(sterr)?;
-            *r = r.split_off(&(upto + 1));
+            self.shared.recent.lock().map_err(sterr)?.purge(upto);
         }
         self.call(|done| Op::Purge { upto, bytes, done }).await?;
         *self.shared.last_purged.lock().map_err(sterr)? = Some(log_id);
@@ -700,5 +734,46 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageErr> {
         let s = self.snapshot.lock().map_err(rderr)?.clone();
         Ok(s.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Blank }
+    }
+
+    #[test]
+    fn recent_entries_keep_undurable_ones_and_respect_the_limits() {
+        let mut r = Recent::default();
+        for i in 1..=300 {
+            r.insert(entry(1, i), 10);
+        }
+        // Nothing is durable yet: nothing may be forgotten.
+        r.durable(std::iter::empty());
+        assert_eq!(r.entries.len(), 300);
+        // 1..=100 durable: the oldest durable go until the count limit, the rest stay.
+        r.durable((1..=100).map(|i| entry(1, i).log_id));
+        assert_eq!(r.entries.len(), RECENT_KEEP);
+        assert_eq!(r.entries.first_key_value().map(|(k, _)| *k), Some(300 - RECENT_KEEP as u64 + 1));
+        assert_eq!(r.bytes, RECENT_KEEP * 10);
+    }
+
+    #[test]
+    fn a_replaced_entry_is_not_marked_durable_by_the_old_write() {
+        let mut r = Recent::default();
+        r.insert(entry(1, 5), 10);
+        // Leader change: index 5 truncated and re-appended with term 2 before the term-1 write lands.
+        r.truncate(5);
+        r.insert(entry(2, 5), 20);
+        r.durable(std::iter::once(entry(1, 5).log_id));
+        assert!(!r.entries[&5].1, "the term-2 entry is not in the file yet");
+        assert_eq!(r.bytes, 20);
+        r.purge(5);
+        assert!(r.entries.is_empty());
+        assert_eq!(r.bytes, 0);
     }
 }
