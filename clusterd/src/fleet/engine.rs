@@ -1,7 +1,7 @@
 //! The fleet engine: runs in every clusterd, acts only while this member is the Raft leader.
 //!
 //! Owns: the loop that, every [`ENGINE_TICK`](super::ENGINE_TICK) on every member, reads the fleet tree from the
-//! local state machine and updates the heartbeat tracker ([`Liveness`]) — followers apply the same log, so a
+//! local state machine (a follower only its machines and schedule) and updates the heartbeat tracker ([`Liveness`]) — followers apply the same log, so a
 //! member that becomes leader already knows how long each machine has been silent — and, on the leader only,
 //! builds the scheduler's input (live, draining and dead machines; parsed units, cached by text) and proposes
 //! the resulting schedule changes through Raft. On gaining leadership it gives every machine a short grace
@@ -33,11 +33,12 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut dead_before = BTreeSet::new();
     loop {
         tokio::time::sleep(ENGINE_TICK).await;
-        let snap = read_local(&ctx);
+        let leader = ctx.raft.metrics().borrow().current_leader == Some(ctx.id);
+        // A follower only tracks heartbeats: machines and the schedule, not the unit texts and states.
+        let snap = if leader { read_local(&ctx) } else { read_local_dirs(&ctx, &[fleet::MACHINES_DIR, fleet::SCHEDULE_DIR]) };
         let referenced: BTreeSet<String> = snap.schedule.values().cloned().collect();
         let beats: BTreeMap<String, u64> = snap.machines.iter().map(|(id, m)| (id.clone(), m.modified)).collect();
         live.observe(Instant::now(), &beats, &referenced);
-        let leader = ctx.raft.metrics().borrow().current_leader == Some(ctx.id);
         if leader && !leading {
             live.gained_leadership();
             tracing::info!("fleet engine: leading; machines silent so far get {:?} more of heartbeats", live.grace);
@@ -70,6 +71,19 @@ pub fn read_local(ctx: &Ctx) -> Snapshot {
         Ok(ev) => Snapshot::from_node(&ev.node),
         Err(_) => Snapshot::default(),
     }
+}
+
+/// Only these directories of the fleet tree, as the local state machine has them.
+fn read_local_dirs(ctx: &Ctx, dirs: &[&str]) -> Snapshot {
+    let now = crate::kv::time::now_nanos();
+    let mut snap = Snapshot::default();
+    let Ok(d) = ctx.sm.data.read() else { return snap };
+    for dir in dirs {
+        if let Ok(ev) = d.store.get(dir, true, false, now) {
+            snap.add_dir(&ev.node);
+        }
+    }
+    snap
 }
 
 fn build_input(snap: &Snapshot, dead: BTreeSet<String>, cache: &mut SpecCache) -> Input {

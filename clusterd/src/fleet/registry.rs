@@ -73,6 +73,15 @@ impl Snapshot {
     pub fn from_node(root: &NodeView) -> Snapshot {
         let mut s = Snapshot::default();
         for dir in children(root) {
+            s.add_dir(dir);
+        }
+        s
+    }
+
+    /// Decode one of the tree's directories (`machines`, `units`, …, listed recursively) into this snapshot.
+    pub fn add_dir(&mut self, dir: &NodeView) {
+        let s = self;
+        {
             let key = dir.key.as_deref().unwrap_or("");
             match last_component(key) {
                 "machines" => s.decode_files(dir, |s, name, v, n| {
@@ -100,7 +109,6 @@ impl Snapshot {
                 _ => {}
             }
         }
-        s
     }
 
     fn decode_files(
