@@ -35,19 +35,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     version,
     about = "Keel's update daemon: Omaha checks, signed A/B payloads, health gate",
     long_about = "Keel's update daemon.\n\n\
-Checks the update server (Omaha v3, as CoreOS/Flatcar) a few minutes after boot and then periodically\n\
-with jitter, backing off exponentially on failures. An offered payload is streamed, verified chunk by\n\
-chunk and written to the inactive USR slot; its UKI goes on the ESP with a boot counter. After the\n\
-next boot a health gate blesses the new slot; when the gate gives up, the engine reboots through init\n\
-(--health-failure), the boot loader skips the unblessed slot, and the fallback boot reports the\n\
+Checks the update server (Omaha v3, as CoreOS/Flatcar) a few minutes after boot and then periodically \
+with jitter, backing off exponentially on failures. An offered payload is streamed, verified chunk by \
+chunk and written to the inactive USR slot; its UKI goes on the ESP with a boot counter. After the \
+next boot a health gate blesses the new slot; when the gate gives up, the engine reboots through init \
+(--health-failure), the boot loader skips the unblessed slot, and the fallback boot reports the \
 failure to the server (event 3/0, error 44).\n\n\
-Once an update is installed, the reboot manager acts by --reboot-strategy: `reboot` at once, `etcd-lock`\n\
-inside a reboot window take a slot of the cluster semaphore in clusterd's KV, drain this machine's fleet\n\
-units, then reboot through init; `off` (default) waits for an operator. The lock is given back as soon as\n\
-the next boot's health gate has finished, whatever the window (docs/locksmith.md). Its settings default\n\
+Once an update is installed, the reboot manager acts by --reboot-strategy: `reboot` at once, `etcd-lock` \
+inside a reboot window take a slot of the cluster semaphore in clusterd's KV, drain this machine's fleet \
+units, then reboot through init; `off` (default) waits for an operator. The lock is given back as soon as \
+the next boot's health gate has finished, whatever the window (docs/locksmith.md). Its settings default \
 to cloud-config's (keel.update.reboot_strategy, reboot_windows; keel.locksmith.group, max, endpoint).\n\n\
 Control it with `updatectl` (HTTP on loopback, --listen). State lives in --state-dir.\n\n\
-Example (what the image's unit runs, via /usr/lib/keel/update-engine-start, with the settings of\n\
+Example (what the image's unit runs, via /usr/lib/keel/update-engine-start, with the settings of \
 cloud-config's keel.update section):\n  \
 update-engine --server http://updates.example:8080/v1/update/ --channel stable --disk /dev/vda --esp /efi\n\n\
 Example (rolling reboots, weekday nights at 02:00 for 1h, Berlin summer time as a fixed offset):\n  \

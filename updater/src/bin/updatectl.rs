@@ -21,7 +21,7 @@ updatectl channel beta        # follow another channel from the next check on\n 
 updatectl rollback            # boot the other slot next time (no network needed)\n  \
 updatectl status --json       # for scripts\n\n\
 States: IDLE, CHECKING, DOWNLOADING, VERIFYING, FINALIZING, UPDATED_NEED_REBOOT, ERROR.\n\
-Reboot manager phases (the REBOOT line): idle, off, waiting-for-window, waiting-for-lock, draining,\n\
+Reboot manager phases (the REBOOT line): idle, off, waiting-for-window, waiting-for-lock, draining, \
 rebooting, holding-lock, releasing-lock, error (docs/locksmith.md)."
 )]
 struct Cli {
