@@ -58,15 +58,34 @@ pub struct WriteFile {
     pub append: bool,
 }
 
+/// A `key: value` section whose values are flags: strings, numbers and booleans are all taken as their text
+/// (`election_timeout: 300` and `election_timeout: "300"` mean the same); lists and maps are refused.
+fn scalar_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    use serde::de::Error;
+    let Some(m) = Option::<BTreeMap<String, serde_yaml::Value>>::deserialize(d)? else { return Ok(None) };
+    let mut out = BTreeMap::new();
+    for (k, v) in m {
+        let text = match v {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Null => String::new(),
+            _ => return Err(D::Error::custom(format!("`{k}` must be a single value (a string, number or boolean), not a list or map"))),
+        };
+        out.insert(k, text);
+    }
+    Ok(Some(out))
+}
+
 /// Keel's own section, `keel:` (CoreOS configs' `coreos:` is accepted as the same thing).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeelSection {
     #[serde(default)]
     pub units: Vec<UnitEntry>,
-    #[serde(default, alias = "etcd", alias = "etcd2")]
+    #[serde(default, alias = "etcd", alias = "etcd2", deserialize_with = "scalar_map")]
     pub clusterd: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "scalar_map")]
     pub fleet: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub update: Option<BTreeMap<String, serde_yaml::Value>>,
@@ -323,6 +342,18 @@ mod tests {
         assert_eq!(cd["listen_client_urls"], "http://10.0.0.5:2379");
         assert_eq!(cfg.keel.units[0].command.as_deref(), Some("start"));
         assert_eq!(cfg.keel.fleet.expect("fleet")["metadata"], "region=eu");
+    }
+
+    #[test]
+    fn clusterd_and_fleet_values_may_be_numbers_or_booleans_but_not_lists() {
+        let text = "#cloud-config\nkeel:\n  clusterd:\n    name: n1\n    election_timeout: 600\n    snapshot_count: 5000\n  fleet:\n    agent: true\n";
+        let (cfg, problems) = parse(text, &vars());
+        assert!(problems.is_empty(), "{problems:?}");
+        let cd = cfg.keel.clusterd.expect("clusterd section");
+        assert_eq!((cd["election_timeout"].as_str(), cd["snapshot_count"].as_str()), ("600", "5000"));
+        assert_eq!(cfg.keel.fleet.expect("fleet")["agent"], "true");
+        let (cfg, problems) = parse("#cloud-config\nkeel:\n  clusterd:\n    name: [a, b]\n", &vars());
+        assert!(cfg.keel.clusterd.is_none() && problems.iter().any(|p| p.message.contains("single value")), "{problems:?}");
     }
 
     #[test]
