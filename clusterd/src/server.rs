@@ -90,6 +90,9 @@ pub struct Config {
     pub token: String,
     /// Raft log entries between snapshots.
     pub snapshot_count: u64,
+    /// Also snapshot once this many bytes of log entries were written since the last snapshot (an entry can
+    /// carry a batch of up to 512 writes, so the entry count alone does not bound the log's size).
+    pub snapshot_log_bytes: u64,
     /// Leader heartbeat period, milliseconds.
     pub heartbeat_ms: u64,
     /// Base election timeout, milliseconds: a follower that hears nothing from the leader for
@@ -272,6 +275,33 @@ async fn read_checker(raft: Raft, q: Arc<std::sync::Mutex<ReadQueue>>) {
         for tx in batch {
             let _ = tx.send(r.clone());
         }
+    }
+}
+
+/// Log entries kept behind a snapshot for followers that lag a little (more lag gets the snapshot).
+const LOG_KEPT_AFTER_SNAPSHOT: u64 = 200;
+
+/// Trigger a snapshot whenever `limit` bytes of log were written since the last one. openraft's policy counts
+/// entries only; with group commit one entry can hold hundreds of writes, and the store file lives on a small
+/// partition (Keel's ROOT is 256 MiB).
+async fn snapshot_by_size(raft: Raft, metrics: Arc<StorageMetrics>, limit: u64) {
+    // (when, snapshot count then) of the last request.
+    let mut asked: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if metrics.log_bytes_since_snapshot.load(Ordering::Relaxed) < limit {
+            continue;
+        }
+        // Ask again only once the last request was served, or after 10 s if it was not.
+        let built = metrics.snapshots.load(Ordering::Relaxed);
+        if asked.is_some_and(|(t, n)| n == built && t.elapsed() < Duration::from_secs(10)) {
+            continue;
+        }
+        tracing::info!("{} bytes of log since the last snapshot: building one", metrics.log_bytes_since_snapshot.load(Ordering::Relaxed));
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        asked = Some((tokio::time::Instant::now(), built));
     }
 }
 
@@ -671,7 +701,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         install_snapshot_timeout: 5000,
         max_payload_entries: 512,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
-        max_in_snapshot_log_to_keep: (cfg.snapshot_count / 2).min(1000),
+        max_in_snapshot_log_to_keep: (cfg.snapshot_count / 2).min(LOG_KEPT_AFTER_SNAPSHOT),
         ..Default::default()
     }
     .validate()
@@ -684,6 +714,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
 
     let (batch_tx, batch_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(batcher(raft.clone(), batch_rx));
+    tokio::spawn(snapshot_by_size(raft.clone(), metrics.clone(), cfg.snapshot_log_bytes));
     let ctx = Arc::new(Ctx {
         batch_tx,
         id,

@@ -227,6 +227,29 @@ fn compacted_entries_leave_the_store_file_a_chunk_at_a_time_and_survive_restarts
 }
 
 #[test]
+fn a_log_grown_past_snapshot_log_mb_is_snapshotted_before_snapshot_count() {
+    let mut c = Cluster::create(3, false);
+    c.snapshot_count = 100_000;
+    c.extra_args = vec!["--snapshot-log-mb".into(), "1".into()];
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_ready();
+    // ≈ 2.4 MB of log in 600 entries: far below 100,000 entries, above 1 MiB.
+    let value = "x".repeat(4000);
+    for i in 0..600 {
+        let r = c.put(i % 3, &format!("/big/k{}", i % 50), &value).expect("put");
+        assert!(matches!(r.status, 200 | 201), "{}", r.body);
+    }
+    for i in 0..3 {
+        wait_until(&format!("member {i} to snapshot and compact by size"), Duration::from_secs(20), || {
+            (c.status(i)?["purgedIndex"].as_u64()? > 0).then_some(())
+        });
+    }
+    assert_eq!(c.value(1, "/big/k7", false).as_deref(), Some(value.as_str()));
+}
+
+#[test]
 fn members_are_added_removed_and_a_corrupt_member_is_readded_empty() {
     let mut c = Cluster::create(3, false);
     c.snapshot_count = 100;

@@ -76,6 +76,11 @@ struct Args {
     /// Raft log entries between two snapshots (older entries are then compacted).
     #[arg(long, default_value_t = 10_000)]
     snapshot_count: u64,
+    /// Also snapshot (and compact the log) once this many MiB of log entries were written since the last
+    /// snapshot: one entry can carry a batch of hundreds of writes, so --snapshot-count alone does not bound the
+    /// store file's size.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    snapshot_log_mb: u64,
     /// Milliseconds between the leader's heartbeats to the other members.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=5_000))]
     heartbeat_interval: u64,
@@ -181,6 +186,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         state: if a.initial_cluster_state == "existing" { ClusterState::Existing } else { ClusterState::New },
         token: a.cluster_token.clone(),
         snapshot_count: a.snapshot_count.max(100),
+        snapshot_log_bytes: a.snapshot_log_mb << 20,
         heartbeat_ms: a.heartbeat_interval,
         election_timeout_ms: a.election_timeout,
     })

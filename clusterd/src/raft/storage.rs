@@ -101,6 +101,11 @@ pub struct StorageMetrics {
     pub committed: AtomicU64,
     /// First log index still in the file (purged entries are dropped a chunk at a time).
     pub log_front: AtomicU64,
+    /// Encoded bytes of log entries appended since the last snapshot was built or installed (the server
+    /// triggers a snapshot when this passes `--snapshot-log-mb`).
+    pub log_bytes_since_snapshot: AtomicU64,
+    /// Snapshots built or installed since start.
+    pub snapshots: AtomicU64,
 }
 
 /// Bucket bounds of `fsync_buckets`, seconds (the last is +Inf).
@@ -577,6 +582,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 last = Some(e.log_id);
                 let id = e.log_id;
                 r.insert(e, b.len());
+                self.shared.metrics.log_bytes_since_snapshot.fetch_add(b.len() as u64, Ordering::Relaxed);
                 batch.push((id, b));
             }
         }
@@ -642,6 +648,8 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageErr> {
+        self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
+        self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         let data = self.data.read().map_err(sterr)?.clone();
         let bytes = serde_json::to_vec(&data).map_err(sterr)?;
         let snapshot_id = match data.last_applied {
@@ -717,6 +725,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<u64, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageErr> {
+        self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
         let bytes = snapshot.into_inner();
         let mut data: SmData = serde_json::from_slice(&bytes).map_err(sterr)?;
         data.store.rebuild();

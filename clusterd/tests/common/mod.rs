@@ -69,6 +69,8 @@ pub struct Cluster {
     pub tmp: tempfile::TempDir,
     pub faults: Arc<Faults>,
     pub snapshot_count: u32,
+    /// Extra clusterd flags for every member.
+    pub extra_args: Vec<String>,
     pub existing: Vec<bool>,
     stop: Arc<AtomicBool>,
 }
@@ -181,7 +183,7 @@ impl Cluster {
                 child: None,
             });
         }
-        Cluster { existing: vec![false; n], members, token, tmp, faults, snapshot_count: 2000, stop }
+        Cluster { existing: vec![false; n], members, token, tmp, faults, snapshot_count: 2000, extra_args: Vec::new(), stop }
     }
 
     /// Describe one more member (not started, not added).
@@ -223,7 +225,8 @@ impl Cluster {
             .args(["--initial-advertise-peer-urls", &m.peer_url])
             .args(["--initial-cluster", &self.initial_cluster()])
             .args(["--cluster-token", &self.token])
-            .args(["--snapshot-count", &self.snapshot_count.to_string()]);
+            .args(["--snapshot-count", &self.snapshot_count.to_string()])
+            .args(&self.extra_args);
         if let Ok(level) = std::env::var("KEEL_TEST_LOG_LEVEL") {
             cmd.args(["--log-level", &level]);
         }
