@@ -196,6 +196,38 @@ impl DrainProgress {
     pub fn is_drained(&self) -> bool {
         self.pending.is_empty()
     }
+
+    /// The next look at a drain that is being waited for; `self` is what was pending at the previous look.
+    /// A unit pending then stays pending until it runs elsewhere: once the machine it moved to reports it in
+    /// any state (e.g. `inactive`, just before starting it), the records no longer name this machine, and
+    /// [`drain_progress`] alone would count the unit as moved before it runs.
+    pub fn next(
+        &self,
+        machine_id: &str,
+        units: &[UnitRecord],
+        schedule: &BTreeMap<String, String>,
+        states: &BTreeMap<String, UnitState>,
+    ) -> DrainProgress {
+        let mut p = drain_progress(machine_id, units, schedule, states);
+        let still_launched = |name: &str| {
+            units.iter().any(|u| u.name == name && u.desired == DesiredState::Launched && !u.is_global())
+        };
+        for name in &self.pending {
+            if still_launched(name) && !moved(machine_id, name, schedule, states) {
+                p.pending.push(name.clone());
+            }
+        }
+        p.pending.sort();
+        p.pending.dedup();
+        p
+    }
+}
+
+/// Whether `name` is scheduled on a machine other than `machine_id` and that machine reports it active.
+fn moved(machine_id: &str, name: &str, schedule: &BTreeMap<String, String>, states: &BTreeMap<String, UnitState>) -> bool {
+    schedule
+        .get(name)
+        .is_some_and(|m| m != machine_id && states.get(name).is_some_and(|s| s.machine == *m && s.active == "active"))
 }
 
 /// Which of `machine_id`'s units still have to move. A unit counts as "on the machine" when it is scheduled
@@ -216,10 +248,7 @@ pub fn drain_progress(
             let sched = schedule.get(&u.name).map(String::as_str);
             let state = states.get(&u.name);
             let was_here = sched == Some(machine_id) || state.is_some_and(|s| s.machine == machine_id);
-            let moved = sched.is_some_and(|m| {
-                m != machine_id && state.is_some_and(|s| s.machine == m && s.active == "active")
-            });
-            was_here && !moved
+            was_here && !moved(machine_id, &u.name, schedule, states)
         })
         .map(|u| u.name.clone())
         .collect();
@@ -309,5 +338,19 @@ mod tests {
             ("c.service", "m2".to_string()),
         ]);
         assert!(drain_progress("m1", &units, &schedule2, &states2).is_drained());
+    }
+
+    #[test]
+    fn a_unit_pending_at_the_last_look_stays_pending_until_it_runs_elsewhere() {
+        let units = vec![unit("a.service", DesiredState::Launched, false), unit("gone.service", DesiredState::Inactive, false)];
+        let before = DrainProgress { pending: vec!["a.service".into(), "gone.service".into()] };
+        let schedule = map(&[("a.service", "m2".to_string())]);
+        // m2 has the file and reports it inactive, just before starting it: no record names m1 any more.
+        let starting = map(&[("a.service", state("m2", "inactive"))]);
+        assert!(drain_progress("m1", &units, &schedule, &starting).is_drained());
+        let p = before.next("m1", &units, &schedule, &starting);
+        assert_eq!(p.pending, vec!["a.service"], "a.service is not running anywhere yet; gone.service was stopped");
+        let running = map(&[("a.service", state("m2", "active"))]);
+        assert!(p.next("m1", &units, &schedule, &running).is_drained());
     }
 }

@@ -678,8 +678,9 @@ fn drain(ctl: &Ctl, machine: &str, reason: &str, wait: bool, timeout: Duration) 
     }
     let deadline = Instant::now() + timeout;
     let mut last: Vec<String> = Vec::new();
+    let mut p = snap.drain_progress(&id);
     loop {
-        let p = ctl.snapshot()?.drain_progress(&id);
+        p = ctl.snapshot()?.drain_progress_after(&id, &p);
         if p.is_drained() {
             println!("Machine {id} is drained");
             return Ok(());

@@ -156,6 +156,12 @@ impl Snapshot {
         let units: Vec<UnitRecord> = self.units.values().cloned().collect();
         fleet::drain_progress(machine_id, &units, &self.schedule, &self.states)
     }
+
+    /// `DrainProgress::next` over this snapshot: the next look at a drain being waited for.
+    pub fn drain_progress_after(&self, machine_id: &str, before: &fleet::DrainProgress) -> fleet::DrainProgress {
+        let units: Vec<UnitRecord> = self.units.values().cloned().collect();
+        before.next(machine_id, &units, &self.schedule, &self.states)
+    }
 }
 
 /// A keys-API client over HTTP (blocking), trying `endpoints` in order.

@@ -2,13 +2,13 @@
 //!
 //! Owns: writing and deleting this machine's drain marker (`/_keel/fleet/drain/<machine-id>`, a
 //! [`keel_model::fleet::DrainRecord`]) and reading fleet's units, schedule and states from the KV to ask
-//! [`keel_model::fleet::drain_progress`] what is still pending. Does not: move units (fleet's engine does,
+//! [`keel_model::fleet::DrainProgress::next`] what is still pending. Does not: move units (fleet's engine does,
 //! as long as the marker exists) or decide how long to wait (the parent module bounds it).
 
 use std::collections::BTreeMap;
 
 use keel_model::fleet::{
-    drain_key, drain_progress, DrainProgress, DrainRecord, UnitRecord, UnitState, SCHEDULE_DIR,
+    drain_key, DrainProgress, DrainRecord, UnitRecord, UnitState, SCHEDULE_DIR,
     STATES_DIR, UNITS_DIR,
 };
 
@@ -40,8 +40,9 @@ fn child_name<'a>(dir: &str, key: &'a str) -> Option<&'a str> {
     (!rest.is_empty() && !rest.contains('/')).then_some(rest)
 }
 
-/// Reads fleet's records and asks the contract's pure function which units still have to move.
-pub fn progress(kv: &Kv, machine_id: &str) -> Result<DrainProgress, KvError> {
+/// Reads fleet's records and asks the contract's pure function which units still have to move; `before` is
+/// the previous look (units pending then stay pending until they run elsewhere).
+pub fn progress(kv: &Kv, machine_id: &str, before: &DrainProgress) -> Result<DrainProgress, KvError> {
     let units: Vec<UnitRecord> = kv
         .list(UNITS_DIR)?
         .into_iter()
@@ -65,7 +66,7 @@ pub fn progress(kv: &Kv, machine_id: &str) -> Result<DrainProgress, KvError> {
             Some((name, serde_json::from_str(&n.value).ok()?))
         })
         .collect();
-    Ok(drain_progress(machine_id, &units, &schedule, &states))
+    Ok(before.next(machine_id, &units, &schedule, &states))
 }
 
 #[cfg(test)]

@@ -496,6 +496,7 @@ impl RebootManager {
         let deadline = started + self.cfg.drain_timeout;
         let mut begun = false;
         let mut last = String::from("nothing checked yet");
+        let mut progress = keel_model::fleet::DrainProgress::default();
         while Instant::now() < deadline {
             if !begun {
                 match drain::begin(&self.kv, id, &format!("reboot into {version}"), now()) {
@@ -504,7 +505,7 @@ impl RebootManager {
                 }
             }
             if begun {
-                match drain::progress(&self.kv, id) {
+                match drain::progress(&self.kv, id, &progress) {
                     Ok(p) if p.is_drained() => {
                         eprintln!(
                             "update-engine: reboot manager: drained in {:.1}s",
@@ -517,7 +518,8 @@ impl RebootManager {
                             "{} unit(s) still to move: {}",
                             p.pending.len(),
                             p.pending.join(", ")
-                        )
+                        );
+                        progress = p;
                     }
                     Err(e) => last = format!("cannot read fleet's state: {e}"),
                 }
