@@ -1,5 +1,6 @@
 use crate::core::sm;
 use crate::raft::VoteResponse;
+use crate::LogId;
 use crate::replication;
 use crate::MessageSummary;
 use crate::RaftTypeConfig;
@@ -41,6 +42,15 @@ where C: RaftTypeConfig
 
     /// Result of executing a command sent from state machine worker.
     StateMachine { command_result: sm::CommandResult<C> },
+
+    /// KEEL PATCH: the leader's own log write, submitted without waiting (see
+    /// `RaftCore::append_to_log_in_parallel`), is durable up to `last_log_id`.
+    LocalLogFlushed {
+        /// The leader's vote when the entries were submitted.
+        vote: Vote<C::NodeId>,
+        /// The last log id of the write.
+        last_log_id: LogId<C::NodeId>,
+    },
 
     /// A tick event to wake up RaftCore to check timeout etc.
     Tick {
@@ -84,6 +94,9 @@ where C: RaftTypeConfig
             }
             Self::StateMachine { command_result } => {
                 format!("StateMachine command done: {:?}", command_result)
+            }
+            Self::LocalLogFlushed { vote, last_log_id } => {
+                format!("LocalLogFlushed: vote: {}, upto: {}", vote, last_log_id)
             }
             Self::Tick { i } => {
                 format!("Tick {}", i)

@@ -730,6 +730,50 @@ where
         Ok(())
     }
 
+    /// KEEL PATCH: submit the leader's own entries to the log store and return at once.
+    ///
+    /// The entries are readable (for replication and apply) as soon as `append()` returns; when the
+    /// store reports them durable, a `Notify::LocalLogFlushed` updates the leader's own progress, so
+    /// the leader never counts an entry it has not flushed. Log IO is ordered by the store (one
+    /// writer), so a later vote, truncate or purge is durable only after this write is.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub(crate) async fn append_to_log_in_parallel<I>(
+        &mut self,
+        entries: I,
+        vote: Vote<C::NodeId>,
+        last_log_id: LogId<C::NodeId>,
+    ) -> Result<(), StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (tx, rx) = C::AsyncRuntime::oneshot();
+        let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
+        let callback = LogFlushed::new(log_io_id, tx);
+        self.log_store.append(entries, callback).await?;
+
+        let tx_notify = self.tx_notify.clone();
+        // False positive lint warning(`non-binding `let` on a future`): https://github.com/rust-lang/rust-clippy/issues/9932
+        #[allow(clippy::let_underscore_future)]
+        let _ = C::spawn(async move {
+            let notify = match rx.await {
+                Ok(Ok(_)) => Notify::LocalLogFlushed { vote, last_log_id },
+                Ok(Err(e)) => Notify::Network {
+                    response: replication::Response::StorageError {
+                        error: StorageIOError::write_logs(AnyError::new(&e)).into(),
+                    },
+                },
+                Err(e) => Notify::Network {
+                    response: replication::Response::StorageError {
+                        error: StorageIOError::write_logs(AnyError::error(e)).into(),
+                    },
+                },
+            };
+            let _ = tx_notify.send(notify);
+        });
+        Ok(())
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     pub(crate) async fn apply_to_state_machine(
         &mut self,
@@ -1278,6 +1322,16 @@ where
                 }
             }
 
+            Notify::LocalLogFlushed { vote, last_log_id } => {
+                // KEEL PATCH: see `append_to_log_in_parallel`. A write from an earlier leadership only
+                // made the log durable; it no longer counts for anything.
+                if self.does_vote_match(&vote, "LocalLogFlushed") {
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(Some(last_log_id));
+                    }
+                }
+            }
+
             Notify::Tick { i } => {
                 // check every timer
 
@@ -1636,6 +1690,15 @@ where
             Command::AppendInputEntries { vote, entries } => {
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
+
+                // KEEL PATCH: a leader appending its own entries does not wait for its disk before
+                // replicating them (Raft thesis §10.2.1); it counts itself in the quorum only once
+                // `Notify::LocalLogFlushed` says they are durable. Followers still flush before they answer.
+                let own_entries = self.engine.leader.as_ref().is_some_and(|l| l.vote == vote);
+                if own_entries {
+                    self.append_to_log_in_parallel(entries, vote, last_log_id).await?;
+                    return Ok(None);
+                }
 
                 self.append_to_log(entries, vote, last_log_id.clone()).await?;
 
