@@ -286,3 +286,41 @@ fn restart_keeps_data_and_corrupt_store_is_refused() {
     assert!(!out.status.success(), "clusterd started on a truncated store: {err}");
     assert!(err.contains("clusterd.redb") && (err.contains("corrupt") || err.contains("truncated")), "unclear message: {err}");
 }
+
+#[test]
+fn the_snapshot_lives_in_its_own_file_and_a_compacted_log_without_it_is_refused() {
+    let mut c = Cluster::create(1, false);
+    c.snapshot_count = 100;
+    c.spawn(0);
+    c.wait_ready();
+    for i in 0..400 {
+        assert_eq!(c.put(0, &format!("/s/k{}", i % 50), &format!("v{i}")).expect("put").status, 200 + if i < 50 { 1 } else { 0 });
+    }
+    let snap = c.members[0].dir.join("snapshot.redb");
+    // A snapshot was taken and the log behind it compacted (the member says so on /metrics).
+    wait_until("a snapshot and a compacted log", Duration::from_secs(20), || {
+        let m = c.get_ok(0, "/metrics").body;
+        let first: u64 = m.lines().find_map(|l| l.strip_prefix("keel_raft_log_first_index "))?.trim().parse().ok()?;
+        (first > 0 && snap.exists()).then_some(())
+    });
+    c.kill9(0);
+    c.spawn(0);
+    c.wait_ready();
+    for i in 350..400 {
+        assert_eq!(c.value(0, &format!("/s/k{}", i % 50), false).as_deref(), Some(format!("v{i}").as_str()), "lost /s/k{} after restart", i % 50);
+    }
+    c.stop(0);
+    // Without the snapshot the compacted log cannot rebuild the state: refuse, and name the missing file.
+    let kept = c.members[0].dir.join("snapshot.redb.kept");
+    std::fs::rename(&snap, &kept).expect("move snapshot.redb away");
+    let out = c.command(0).output().expect("run clusterd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "clusterd started without the snapshot of its compacted log: {err}");
+    assert!(err.contains("snapshot.redb") && err.contains("compacted"), "unclear message: {err}");
+    // Put back, the member starts with every value.
+    std::fs::remove_file(&snap).ok();
+    std::fs::rename(&kept, &snap).expect("restore snapshot.redb");
+    c.spawn(0);
+    c.wait_ready();
+    assert_eq!(c.value(0, "/s/k49", false).as_deref(), Some("v399"));
+}

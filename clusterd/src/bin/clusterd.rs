@@ -47,7 +47,7 @@ struct Args {
     /// Human-readable name of this member (must match its entry in --initial-cluster).
     #[arg(long, default_value = "default")]
     name: String,
-    /// Directory holding this member's store (clusterd.redb).
+    /// Directory holding this member's store (clusterd.redb: log and vote; snapshot.redb: latest snapshot).
     #[arg(long, default_value = "/var/lib/keel/clusterd")]
     data_dir: PathBuf,
     /// Comma-separated URLs to serve the client API on. Default: http://127.0.0.1:2379, plus
@@ -206,6 +206,10 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
     }
     let detail = String::from_utf8_lossy(&out.stderr);
     let detail = detail.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("the storage engine aborted").trim().to_string();
+    // The check names the damaged file itself (clusterd.redb or snapshot.redb) when it gets that far.
+    if detail.starts_with("store ") {
+        anyhow::bail!("{detail}");
+    }
     anyhow::bail!(
         "store {} is corrupt or truncated ({detail}); refusing to start. Move it away and re-add this member empty",
         db.display()

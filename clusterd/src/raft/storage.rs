@@ -1,12 +1,15 @@
 //! Durable Raft storage in one redb file: the log, the vote, the committed id and the state-machine snapshot.
 //!
-//! Owns: `<data-dir>/clusterd.redb` and everything in it. Log appends go to a single writer thread that
+//! Owns: `<data-dir>/clusterd.redb` (log, vote, committed hint, purge point) and `<data-dir>/snapshot.redb`
+//! (the latest snapshot), and everything in them. Log appends go to a single writer thread that
 //! drains every queued operation into ONE redb write transaction committed with `Durability::Immediate`
 //! (group commit, like etcd's batched fsync) and only then fires openraft's `LogFlushed` callbacks.
 //! Entries queued but not yet committed, and the last few hundred after that, are served to readers from memory.
 //!
-//! The state machine ([`Sm`]) lives in memory and is persisted, together with its last-applied log id and
-//! membership, in the same redb transaction whenever a snapshot is built or installed. On restart it is
+//! The state machine ([`SmData`]) lives in memory and is persisted, together with its last-applied log id and
+//! membership, in one transaction of its own file whenever a snapshot is built or installed (a file of its
+//! own so that writing a megabyte snapshot never holds up log appends, which share one redb writer lock
+//! per file). A snapshot is durable before openraft compacts the log behind it. On restart it is
 //! loaded from there and openraft re-applies the committed log after it, so replay is idempotent.
 //! On open, the whole file is integrity-checked (redb page checksums) and every record is decoded; any
 //! failure is a [`StorageError::Corrupt`] and the member refuses to start rather than serve wrong data.
@@ -37,6 +40,9 @@ type StorageErr = openraft::StorageError<u64>;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// In `snapshot.redb`: "meta" → the snapshot's [`SnapshotMeta`] (JSON), "data" → the applied state
+/// ([`SmData`] as JSON, zstd-compressed).
+const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// Errors opening or using the store file.
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +86,37 @@ pub struct SmData {
     pub attrs: BTreeMap<u64, (String, Vec<String>)>,
 }
 
+/// A snapshot as kept on disk and in memory. `data` is [`SmData`] as JSON, zstd-compressed (stores written
+/// before snapshot.redb kept plain JSON; [`unpack`] reads both). Peers are sent plain JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<u64, Member>,
     data: Vec<u8>,
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// Compress snapshot JSON for the disk. Level 1: a megabyte of JSON becomes ≈ 10× smaller in ≈ 2 ms, and
+/// the smaller write keeps the disk free for the log's fsyncs.
+fn pack(json: &[u8]) -> Result<Vec<u8>, String> {
+    zstd::bulk::compress(json, 1).map_err(|e| format!("compressing snapshot: {e}"))
+}
+
+/// Snapshot JSON from stored (compressed) or plain bytes.
+fn unpack(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+    if bytes.starts_with(&ZSTD_MAGIC) {
+        zstd::stream::decode_all(bytes).map(std::borrow::Cow::Owned).map_err(|e| format!("decompressing snapshot: {e}"))
+    } else {
+        Ok(std::borrow::Cow::Borrowed(bytes))
+    }
+}
+
+/// Decode the applied state from stored or plain snapshot bytes.
+fn decode_state(bytes: &[u8]) -> Result<SmData, String> {
+    let json = unpack(bytes)?;
+    let mut data: SmData = serde_json::from_slice(&json).map_err(|e| format!("state machine: {e}"))?;
+    data.store.rebuild();
+    Ok(data)
 }
 
 /// Counters exported on `/metrics`.
@@ -122,6 +155,8 @@ enum Op {
 struct Shared {
     db: Database,
     path: PathBuf,
+    /// `snapshot.redb`.
+    snap_db: Database,
     /// Recent entries, decoded. Holds every entry queued to the writer and not yet committed to the file
     /// (readers see it at once) and, once durable, the last few (see [`RECENT_KEEP`]), so replication to
     /// followers reads memory instead of the file and skips decoding.
@@ -161,19 +196,14 @@ pub struct StateMachine {
     pub applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// Open (or create) `<dir>/clusterd.redb`, verify it, and return the log store and state machine.
-pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, StateMachine), StorageError> {
-    std::fs::create_dir_all(dir).map_err(|source| StorageError::DataDir { path: dir.to_path_buf(), source })?;
-    let path = dir.join("clusterd.redb");
-    let corrupt = |detail: String| StorageError::Corrupt { path: path.clone(), detail };
+/// Open (or create) a redb file, integrity-check it if it existed, and make sure `tables` exist.
+fn open_db(path: &Path, tables: &[TableDefinition<&str, &[u8]>], log: bool) -> Result<(Database, bool), StorageError> {
+    let corrupt = |detail: String| StorageError::Corrupt { path: path.to_path_buf(), detail };
     let existed = path.exists();
-    if existed {
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len == 0 {
-            return Err(corrupt("file is empty".into()));
-        }
+    if existed && std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+        return Err(corrupt("file is empty".into()));
     }
-    let mut db = Database::builder().create(&path).map_err(|e| corrupt(e.to_string()))?;
+    let mut db = Database::builder().create(path).map_err(|e| corrupt(e.to_string()))?;
     if existed {
         match db.check_integrity() {
             Ok(true) => {}
@@ -181,14 +211,60 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
             Err(e) => return Err(corrupt(format!("integrity check failed: {e}"))),
         }
     }
-    // Make sure the tables exist.
-    {
-        let mut w = db.begin_write().map_err(|e| corrupt(e.to_string()))?;
-        w.set_durability(Durability::Immediate);
-        w.open_table(LOG).map_err(|e| corrupt(e.to_string()))?;
-        w.open_table(META).map_err(|e| corrupt(e.to_string()))?;
-        w.commit().map_err(|e| corrupt(e.to_string()))?;
+    let mut w = db.begin_write().map_err(|e| corrupt(e.to_string()))?;
+    w.set_durability(Durability::Immediate);
+    for t in tables {
+        w.open_table(*t).map_err(|e| corrupt(e.to_string()))?;
     }
+    if log {
+        w.open_table(LOG).map_err(|e| corrupt(e.to_string()))?;
+    }
+    w.commit().map_err(|e| corrupt(e.to_string()))?;
+    Ok((db, existed))
+}
+
+/// Read the snapshot of `snapshot.redb`, or (stores from before that file) the one in clusterd.redb's `meta`.
+fn read_snapshot(snap_db: &Database, snap_path: &Path, db: &Database, path: &Path) -> Result<Option<StoredSnapshot>, StorageError> {
+    let corrupt = |p: &Path, detail: String| StorageError::Corrupt { path: p.to_path_buf(), detail };
+    let r = snap_db.begin_read().map_err(|e| corrupt(snap_path, e.to_string()))?;
+    let t = r.open_table(SNAP).map_err(|e| corrupt(snap_path, e.to_string()))?;
+    let get = |k: &str| t.get(k).map(|v| v.map(|v| v.value().to_vec())).map_err(|e| corrupt(snap_path, e.to_string()));
+    match (get("meta")?, get("data")?) {
+        (Some(m), Some(data)) => {
+            let meta = serde_json::from_slice(&m).map_err(|e| corrupt(snap_path, format!("snapshot meta: {e}")))?;
+            return Ok(Some(StoredSnapshot { meta, data }));
+        }
+        (None, None) => {}
+        _ => return Err(corrupt(snap_path, "snapshot meta or data missing".into())),
+    }
+    let r = db.begin_read().map_err(|e| corrupt(path, e.to_string()))?;
+    let t = r.open_table(META).map_err(|e| corrupt(path, e.to_string()))?;
+    let Some(v) = t.get("snapshot").map_err(|e| corrupt(path, e.to_string()))? else { return Ok(None) };
+    serde_json::from_slice(v.value()).map(Some).map_err(|e| corrupt(path, format!("snapshot: {e}")))
+}
+
+/// Write `snap` to `snapshot.redb` in one durable transaction.
+fn write_snapshot(db: &Database, snap: &StoredSnapshot) -> Result<(), String> {
+    let meta = serde_json::to_vec(&snap.meta).map_err(|e| e.to_string())?;
+    let mut w = db.begin_write().map_err(|e| e.to_string())?;
+    w.set_durability(Durability::Immediate);
+    {
+        let mut t = w.open_table(SNAP).map_err(|e| e.to_string())?;
+        t.insert("meta", meta.as_slice()).map_err(|e| e.to_string())?;
+        t.insert("data", snap.data.as_slice()).map_err(|e| e.to_string())?;
+    }
+    w.commit().map_err(|e| e.to_string())
+}
+
+/// Open (or create) `<dir>/clusterd.redb` and `<dir>/snapshot.redb`, verify them, and return the log store
+/// and state machine.
+pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, StateMachine), StorageError> {
+    std::fs::create_dir_all(dir).map_err(|source| StorageError::DataDir { path: dir.to_path_buf(), source })?;
+    let path = dir.join("clusterd.redb");
+    let snap_path = dir.join("snapshot.redb");
+    let corrupt = |detail: String| StorageError::Corrupt { path: path.clone(), detail };
+    let (db, _) = open_db(&path, &[META], true)?;
+    let (snap_db, _) = open_db(&snap_path, &[SNAP], false)?;
     // Decode everything once: a damaged record means we refuse to start.
     let first_index;
     let (last_purged, last_log, snapshot) = {
@@ -204,10 +280,22 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         if let Some(b) = get("vote")? {
             let _: Vote<u64> = serde_json::from_slice(&b).map_err(|e| corrupt(format!("vote: {e}")))?;
         }
-        let snapshot: Option<StoredSnapshot> = match get("snapshot")? {
-            Some(b) => Some(serde_json::from_slice(&b).map_err(|e| corrupt(format!("snapshot: {e}")))?),
-            None => None,
-        };
+        // The snapshot lives in snapshot.redb; stores written before it existed kept it in `meta`.
+        let snapshot = read_snapshot(&snap_db, &snap_path, &db, &path)?;
+        // Entries up to `last_purged` are gone from the log: the snapshot must cover them.
+        let covered = snapshot.as_ref().and_then(|s| s.meta.last_log_id.map(|l| l.index));
+        if let Some(p) = last_purged {
+            if covered.map_or(true, |c| c < p.index) {
+                return Err(StorageError::Corrupt {
+                    path: snap_path.clone(),
+                    detail: format!(
+                        "the log was compacted up to index {} but the snapshot that replaces it {}",
+                        p.index,
+                        covered.map_or("is missing".to_string(), |c| format!("ends at {c}"))
+                    ),
+                });
+            }
+        }
         let log = r.open_table(LOG).map_err(|e| corrupt(e.to_string()))?;
         // Where the file's log starts; an empty log has nothing left to drop after the purge point.
         first_index = match log.first().map_err(|e| corrupt(e.to_string()))? {
@@ -228,15 +316,15 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         }
         (last_purged, last_log, snapshot)
     };
-    let mut data = SmData::default();
-    if let Some(s) = &snapshot {
-        data = serde_json::from_slice(&s.data).map_err(|e| corrupt(format!("state machine: {e}")))?;
-        data.store.rebuild();
-    }
+    let data = match &snapshot {
+        Some(s) => decode_state(&s.data).map_err(|detail| StorageError::Corrupt { path: snap_path.clone(), detail })?,
+        None => SmData::default(),
+    };
     let index = data.store.index();
     let shared = Arc::new(Shared {
         db,
         path,
+        snap_db,
         recent: Mutex::new(Recent::default()),
         last_purged: Mutex::new(last_purged),
         last_log: Mutex::new(last_log),
@@ -334,24 +422,38 @@ impl Recent {
     }
 }
 
+/// How often at most the committed-index hint is written. openraft re-learns the committed index from the
+/// leader, so the stored one may lag; writing it with every commit added a second transaction (and its
+/// pages to the next fsync) to every write on every member.
+const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The single log writer: drain the queue, one transaction, commit, then acknowledge everything in it.
 fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
     // Entries with index < `front` are gone from the file; `goal` is the last index openraft purged.
     let mut goal: Option<u64> = shared.last_purged.lock().ok().and_then(|p| p.map(|l| l.index));
     shared.metrics.log_front.store(front, Ordering::Relaxed);
+    // The newest committed-index hint not yet in the file, and when the hint was last written.
+    let mut committed: Option<Vec<u8>> = None;
+    let mut committed_at = Instant::now();
     loop {
         let backlog = goal.is_some_and(|g| front <= g);
-        let first = if backlog {
-            match rx.recv_timeout(std::time::Duration::from_millis(10)) {
+        let wait = if backlog {
+            Some(std::time::Duration::from_millis(10))
+        } else if committed.is_some() {
+            Some(COMMITTED_EVERY.saturating_sub(committed_at.elapsed()))
+        } else {
+            None
+        };
+        let first = match wait {
+            Some(t) => match rx.recv_timeout(t) {
                 Ok(op) => Some(op),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        } else {
-            match rx.recv() {
+            },
+            None => match rx.recv() {
                 Ok(op) => Some(op),
                 Err(_) => return,
-            }
+            },
         };
         let mut batch: Vec<Op> = first.into_iter().collect();
         while let Ok(op) = rx.try_recv() {
@@ -361,19 +463,25 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
             }
         }
         for op in &batch {
-            if let Op::Purge { upto, .. } = op {
-                goal = Some(goal.map_or(*upto, |g| g.max(*upto)));
+            match op {
+                Op::Purge { upto, .. } => goal = Some(goal.map_or(*upto, |g| g.max(*upto))),
+                Op::Committed { bytes } => committed = Some(bytes.clone()),
+                _ => {}
             }
         }
+        batch.retain(|op| !matches!(op, Op::Committed { .. }));
         // Physically drop the next chunk of purged entries (never more than PURGE_CHUNK per transaction).
         let drop_to = goal.filter(|g| front <= *g).map(|g| g.min(front + PURGE_CHUNK - 1));
-        let start = Instant::now();
-        // The committed index is a hint (openraft re-learns it from the leader): alone it does not cost an
-        // fsync; it becomes durable with the next log or vote write.
-        let needs_sync = batch.iter().any(|op| !matches!(op, Op::Committed { .. }));
-        if batch.is_empty() && drop_to.is_none() {
+        let write_committed = if committed_at.elapsed() >= COMMITTED_EVERY { committed.take() } else { None };
+        if batch.is_empty() && drop_to.is_none() && write_committed.is_none() {
             continue;
         }
+        if write_committed.is_some() {
+            committed_at = Instant::now();
+        }
+        // The committed-index hint alone does not cost an fsync; it becomes durable with the next write.
+        let needs_sync = !batch.is_empty();
+        let start = Instant::now();
         let mut new_front = None;
         let res = (|| -> Result<(), String> {
             let mut w = shared.db.begin_write().map_err(|e| e.to_string())?;
@@ -381,6 +489,9 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
             {
                 let mut log = w.open_table(LOG).map_err(|e| e.to_string())?;
                 let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+                if let Some(bytes) = &write_committed {
+                    meta.insert("committed", bytes.as_slice()).map_err(|e| e.to_string())?;
+                }
                 for op in &batch {
                     match op {
                         Op::Append { entries, .. } => {
@@ -391,9 +502,7 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
                         Op::Vote { bytes, .. } => {
                             meta.insert("vote", bytes.as_slice()).map_err(|e| e.to_string())?;
                         }
-                        Op::Committed { bytes } => {
-                            meta.insert("committed", bytes.as_slice()).map_err(|e| e.to_string())?;
-                        }
+                        Op::Committed { .. } => {}
                         Op::Truncate { from, .. } => {
                             log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
                         }
@@ -627,17 +736,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 impl StateMachine {
     fn persist_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageErr> {
-        let bytes = serde_json::to_vec(snap).map_err(sterr)?;
         let shared = self.shared.clone();
-        tokio::task::block_in_place(move || {
-            let mut w = shared.db.begin_write().map_err(sterr)?;
-            w.set_durability(Durability::Immediate);
-            {
-                let mut meta = w.open_table(META).map_err(sterr)?;
-                meta.insert("snapshot", bytes.as_slice()).map_err(sterr)?;
-            }
-            w.commit().map_err(sterr)
-        })
+        tokio::task::block_in_place(move || write_snapshot(&shared.snap_db, snap)).map_err(sterr)
     }
 
     /// Store index of the applied state.
@@ -650,18 +750,26 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageErr> {
         self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
         self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let data = self.data.read().map_err(sterr)?.clone();
-        let bytes = serde_json::to_vec(&data).map_err(sterr)?;
+        let json = serde_json::to_vec(&data).map_err(sterr)?;
         let snapshot_id = match data.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
             None => "empty".to_string(),
         };
         let meta = SnapshotMeta { last_log_id: data.last_applied, last_membership: data.last_membership.clone(), snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: bytes.clone() };
+        let stored = StoredSnapshot { meta: meta.clone(), data: pack(&json).map_err(sterr)? };
         // Applied state + last-applied + membership, one transaction.
         self.persist_snapshot(&stored)?;
+        tracing::info!(
+            "snapshot {} written: {} bytes of state, {} on disk, in {:?}",
+            meta.snapshot_id,
+            json.len(),
+            stored.data.len(),
+            started.elapsed()
+        );
         *self.snapshot.lock().map_err(sterr)? = Some(stored);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(json)) })
     }
 }
 
@@ -728,11 +836,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
         let bytes = snapshot.into_inner();
-        let mut data: SmData = serde_json::from_slice(&bytes).map_err(sterr)?;
-        data.store.rebuild();
+        let mut data = decode_state(&bytes).map_err(sterr)?;
         data.last_applied = meta.last_log_id;
         data.last_membership = meta.last_membership.clone();
-        let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
+        let packed = if bytes.starts_with(&ZSTD_MAGIC) { bytes } else { pack(&bytes).map_err(sterr)? };
+        let stored = StoredSnapshot { meta: meta.clone(), data: packed };
         self.persist_snapshot(&stored)?;
         let index = data.store.index();
         *self.data.write().map_err(sterr)? = data;
@@ -742,8 +850,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageErr> {
-        let s = self.snapshot.lock().map_err(rderr)?.clone();
-        Ok(s.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let Some(s) = self.snapshot.lock().map_err(rderr)?.clone() else { return Ok(None) };
+        // Peers get plain JSON (what every clusterd version reads).
+        let json = unpack(&s.data).map_err(rderr)?.into_owned();
+        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(json)) }))
     }
 }
 
@@ -770,6 +880,20 @@ mod tests {
         assert_eq!(r.entries.len(), RECENT_KEEP);
         assert_eq!(r.entries.first_key_value().map(|(k, _)| *k), Some(300 - RECENT_KEEP as u64 + 1));
         assert_eq!(r.bytes, RECENT_KEEP * 10);
+    }
+
+    #[test]
+    fn snapshot_state_reads_back_from_compressed_and_from_plain_json() {
+        let mut d = SmData::default();
+        d.attrs.insert(7, ("m7".into(), vec!["http://127.0.0.1:2379".into()]));
+        let json = serde_json::to_vec(&d).expect("encode");
+        let packed = pack(&json).expect("pack");
+        assert!(packed.starts_with(&ZSTD_MAGIC));
+        assert_eq!(unpack(&packed).expect("unpack").as_ref(), json.as_slice());
+        // Stores from before snapshot.redb hold plain JSON; peers send plain JSON.
+        assert_eq!(unpack(&json).expect("plain").as_ref(), json.as_slice());
+        assert_eq!(decode_state(&packed).expect("decode").attrs[&7].0, "m7");
+        assert!(decode_state(&packed[..packed.len() / 2]).is_err(), "a cut snapshot must not decode");
     }
 
     #[test]
