@@ -109,26 +109,40 @@ $(echo "| etcd GET quorum, 64 conns | ${R[etcd-get-64]// / | } |")
 clusterd / etcd throughput: PUT 1 conn $(ratio clusterd-put-1 etcd-put-1), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64),
 GET 64 conns $(ratio clusterd-get-64 etcd-get-64). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
 
-Why clusterd is where it is. openraft 0.9 flushes the leader's log synchronously inside its core (\`append_to_log\`
-awaits the flush callback) and only then replicates, so one write costs leader commit → follower commit in series,
-where etcd overlaps its leader WAL write with replication. Where one 1-connection PUT's ≈ 475 µs go (medians of
-5,000 requests, timestamps inside the leader and followers, 2026-11-22): HTTP in to proposal appended 14 µs; leader
-redb commit 126 µs; AppendEntries out, follower decode + redb commit (≈ 100 µs) + reply back 234 µs; commit,
-apply, answer 91 µs. A raw \`fdatasync\` here costs ≈ 30 µs, a redb \`Durability::Immediate\` commit of one small
-entry ≈ 70 µs standalone (B-tree pages, allocator state, checksums, then the sync). etcd answers in ≈ 285 µs
-because its leader WAL write and the followers' run at the same time; the 1-connection target (≈ 190 µs) is out
-of reach without changing the Raft library (0.10's pipelined log IO) or the log's storage engine, which issue 3
-fixes as redb. With many connections
-clusterd groups every proposal queued while earlier batches commit into one log entry (one redb transaction, up
-to 512 writes, 2 batches in flight: 3 gave the same throughput with twice the p99) — group commit above openraft — and then the three members plus wrk saturate
-the 2 cores (leader ≈ 0.75 CPU, followers ≈ 0.35 each, wrk ≈ 0.2). Compaction no longer stalls writes: purged
-log entries leave the file 64 per transaction (one transaction deleting thousands of entries used to hold every
-append for 100+ ms, which was the whole 64-connection p99: 82–107 ms before, 8 ms after), and replication reads
-the last 256 entries from memory. A snapshot is also taken every 16 MiB of log (\`--snapshot-log-mb\`; the entry
-count alone let the log grow to 10,000 batches): after 20 s at 64 connections each store file holds 41 MB on
-disk, where it held 131–150 MB before. Linearizable GETs that arrive together share one leadership check (etcd's ReadIndex batching: a read waits for the next check that starts after it arrived), which took GET at 64 connections from 24k to 90–97k req/s. The committed index is persisted without its own fsync (a hint openraft
-re-learns from the leader). Three members plus wrk share 2 cores, so numbers move by ±20 % between runs;
-compare the two systems within one run only.
+Why clusterd is where it is (2026-11-22, second pass). **The leader writes its log in parallel with replication**:
+openraft 0.9 ran a leader's own log write and only then replicated (\`append_to_log\` awaits the flush inside its
+core); Keel carries openraft with a ~60-line patch (\`vendor/README.md\`) that submits the write, replicates at once
+and counts the leader toward the quorum only when its flush reports back (Raft thesis §10.2.1, upstream in 0.10).
+That took PUT from ≈ 1,100–1,600 to ≈ 1,950 req/s with 1 connection and from ≈ 15–19k to ≈ 23k with 64 in
+interleaved A/B runs. **The committed-index hint** (openraft re-learns it from the leader) was a redb transaction
+of its own after every commit on every member, whose pages the next fsync then carried; it is now written at most
+every 100 ms inside a log transaction: ≈ 2,030 → 2,490 req/s with 1 connection, ≈ 24k → 27k with 64.
+**One batch in flight** instead of 2: while a batch commits, everything queued makes the next, larger one (≈ 28k →
+30.8k at 64 connections, p99 5.5 → 5.2 ms). **Snapshots** go to their own \`snapshot.redb\` (never holding the log
+file's write lock) as zstd-compressed JSON: writing one took 15–37 ms for ≈ 1 MB (JSON with the bytes as a number
+array) and slowed every log fsync meanwhile; now 4–7 ms for 11–20 KB, and the 64-connection p99 fell from ≈ 8 to
+≈ 5.4 ms (with snapshots disabled it is 3.4 ms, the floor here).
+
+What is left, with 1 connection, is the storage engine. A redb \`Durability::Immediate\` commit of one log entry
+rewrites ≈ 8–13 scattered 4 KiB pages (leaf, branch path, table tree, freed tree, header; \`strace\` of the writer
+thread) before one \`fdatasync\`, and on this virtio disk a sync costs more the more scattered pages it carries
+(measured with Python: 1 page 64 µs, 13 scattered pages 140 µs, 13 adjacent pages 68 µs; a 400-byte append to a
+growing file, etcd's WAL pattern, 39 µs). \`keel_wal_fsync_duration_seconds\` averages 166–190 µs per commit
+during the 1-connection run. With the leader's write overlapped, a PUT is one follower round trip (HTTP + JSON +
+that commit) plus commit, apply and answer: ≈ 370 µs at p50, where etcd needs ≈ 260–290 µs. The 1.5× target
+(≈ 170–190 µs per write, everything included) is about one redb commit on this disk, so it is out of reach while
+the Raft log lives in redb, which issue 3 prescribes; the gap is the B-tree commit, not the Raft library any
+more. With 64 connections the cores are the limit (leader ≈ 0.75 CPU: client HTTP ≈ 28 %, the log writer ≈ 16 %,
+replication ≈ 8 %; each follower ≈ 0.35: redb commit ≈ 27 %, applying ≈ 17 %, JSON decode ≈ 6 %). Also seen: with
+\`TOKIO_WORKER_THREADS=1\` (three members on 2 cores) PUT with 1 connection rises ≈ 17 % (fewer cross-thread
+wake-ups); the default stays one worker per core, which is what a member alone on its machine wants.
+
+Earlier steps, still in place: purged log entries leave the file 64 per transaction (one transaction deleting
+thousands used to hold every append for 100+ ms); replication reads the last 256 entries from memory; a snapshot
+is also taken every 16 MiB of log (\`--snapshot-log-mb\`), which keeps each store file near 41 MB after 20 s at 64
+connections; linearizable GETs that arrive together share one leadership check (etcd's ReadIndex batching:
+GET at 64 connections 24k → 90–97k req/s). Three members plus wrk share 2 cores, so numbers move by ±20 %
+between runs; compare the two systems within one run only.
 MD
 )"
 mkdir -p "$(dirname "$OUT")"

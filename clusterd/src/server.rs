@@ -196,8 +196,10 @@ pub struct Ctx {
 
 /// Most proposals carried by one log entry.
 const MAX_BATCH: usize = 512;
-/// Batches in flight at once.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Batches in flight at once. One: the leader writes its log while it replicates, so a batch commits in one
+/// round trip, and everything that queued meanwhile makes the next, larger batch (64 connections: 1 gave
+/// ≈ 30.8k req/s, p99 5.1–5.4 ms; 2 and 4 gave ≈ 28k, p99 5.5 ms; same at 1 connection).
+const BATCHES_IN_FLIGHT: usize = 1;
 
 type Pending = (RaftRequest, tokio::sync::oneshot::Sender<Result<RaftResponse, ProposeError>>);
 
