@@ -285,7 +285,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         // Entries up to `last_purged` are gone from the log: the snapshot must cover them.
         let covered = snapshot.as_ref().and_then(|s| s.meta.last_log_id.map(|l| l.index));
         if let Some(p) = last_purged {
-            if covered.map_or(true, |c| c < p.index) {
+            if !covered.is_some_and(|c| c >= p.index) {
                 return Err(StorageError::Corrupt {
                     path: snap_path.clone(),
                     detail: format!(
