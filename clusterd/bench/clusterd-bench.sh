@@ -109,30 +109,33 @@ $(echo "| etcd GET quorum, 64 conns | ${R[etcd-get-64]// / | } |")
 clusterd / etcd throughput: PUT 1 conn $(ratio clusterd-put-1 etcd-put-1), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64),
 GET 64 conns $(ratio clusterd-get-64 etcd-get-64). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
 
-Why clusterd is where it is (2026-11-22, second pass). **The leader writes its log in parallel with replication**:
-openraft 0.9 ran a leader's own log write and only then replicated (\`append_to_log\` awaits the flush inside its
-core); Keel carries openraft with a ~60-line patch (\`vendor/README.md\`) that submits the write, replicates at once
-and counts the leader toward the quorum only when its flush reports back (Raft thesis §10.2.1, upstream in 0.10).
-That took PUT from ≈ 1,100–1,600 to ≈ 1,950 req/s with 1 connection and from ≈ 15–19k to ≈ 23k with 64 in
-interleaved A/B runs. **The committed-index hint** (openraft re-learns it from the leader) was a redb transaction
-of its own after every commit on every member, whose pages the next fsync then carried; it is now written at most
-every 100 ms inside a log transaction: ≈ 2,030 → 2,490 req/s with 1 connection, ≈ 24k → 27k with 64.
-**One batch in flight** instead of 2: while a batch commits, everything queued makes the next, larger one (≈ 28k →
-30.8k at 64 connections, p99 5.5 → 5.2 ms). **Snapshots** go to their own \`snapshot.redb\` (never holding the log
-file's write lock) as zstd-compressed JSON: writing one took 15–37 ms for ≈ 1 MB (JSON with the bytes as a number
-array) and slowed every log fsync meanwhile; now 4–7 ms for 11–20 KB, and the 64-connection p99 fell from ≈ 8 to
-≈ 5.4 ms (with snapshots disabled it is 3.4 ms, the floor here).
+Why clusterd is where it is (2026-11-22, second pass). **The committed-index hint** (openraft re-learns it
+from the leader) was a redb transaction of its own after every commit on every member, whose pages the next fsync
+then carried; it is now written at most every 100 ms inside a log transaction (≈ +20 % with 1 connection, ≈ +12 %
+with 64). **One batch in flight** instead of 2: everything that queues while a batch commits makes the next,
+larger one. **Snapshots** go to their own \`snapshot.redb\` (never holding the log file's write lock) as
+zstd-compressed JSON: writing one took 15–37 ms for ≈ 1 MB (JSON with the bytes as a number array) and slowed
+every log fsync meanwhile; now 4–7 ms for 11–20 KB. **Purged log entries leave the file 8 per transaction**
+(64 put one append in 64 behind ≈ 7 extra pages): PUT p99 with 1 connection 1.7–1.8 → 0.8–1.0 ms.
+
+Tried and dropped: letting the leader write its own log in parallel with replication (Raft thesis §10.2.1, what
+openraft 0.10 does) by patching openraft 0.9's \`append_to_log\`. It looked safe on paper and passed the kill -9
+and partition suites, but a new test that slows the leader's disk for real (a blkio cgroup limiting it to 10
+writes/s, then kill -9 of the leader) lost acknowledged writes in 3 of 8 runs, and none in 8 runs without the
+patch. It also measured smaller than first thought once the other fixes were in (interleaved runs without it:
+≈ 2,050 req/s with 1 connection, ≈ 29.4k with 64). Not worth carrying; the way to that overlap is openraft 0.10.
 
 What is left, with 1 connection, is the storage engine. A redb \`Durability::Immediate\` commit of one log entry
 rewrites ≈ 8–13 scattered 4 KiB pages (leaf, branch path, table tree, freed tree, header; \`strace\` of the writer
 thread) before one \`fdatasync\`, and on this virtio disk a sync costs more the more scattered pages it carries
 (measured with Python: 1 page 64 µs, 13 scattered pages 140 µs, 13 adjacent pages 68 µs; a 400-byte append to a
 growing file, etcd's WAL pattern, 39 µs). \`keel_wal_fsync_duration_seconds\` averages 166–190 µs per commit
-during the 1-connection run. With the leader's write overlapped, a PUT is one follower round trip (HTTP + JSON +
-that commit) plus commit, apply and answer: ≈ 370 µs at p50, where etcd needs ≈ 260–290 µs. The 1.5× target
+during the 1-connection run. A PUT is one follower round trip (HTTP + JSON +
+that commit), after the leader's own commit, plus commit, apply and answer: ≈ 440 µs at p50, where etcd needs
+≈ 260–290 µs. The 1.5× target
 (≈ 170–190 µs per write, everything included) is about one redb commit on this disk, so it is out of reach while
-the Raft log lives in redb, which issue 3 prescribes; the gap is the B-tree commit, not the Raft library any
-more. With 64 connections the cores are the limit (leader ≈ 0.75 CPU: client HTTP ≈ 28 %, the log writer ≈ 16 %,
+the Raft log lives in redb, which issue 3 prescribes, and openraft 0.9 runs the leader's and the follower's
+commits one after the other. With 64 connections the cores are the limit (leader ≈ 0.75 CPU: client HTTP ≈ 28 %, the log writer ≈ 16 %,
 replication ≈ 8 %; each follower ≈ 0.35: redb commit ≈ 27 %, applying ≈ 17 %, JSON decode ≈ 6 %). Also seen: with
 \`TOKIO_WORKER_THREADS=1\` (three members on 2 cores) PUT with 1 connection rises ≈ 17 % (fewer cross-thread
 wake-ups); the default stays one worker per core, which is what a member alone on its machine wants.

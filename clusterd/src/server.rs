@@ -196,9 +196,9 @@ pub struct Ctx {
 
 /// Most proposals carried by one log entry.
 const MAX_BATCH: usize = 512;
-/// Batches in flight at once. One: the leader writes its log while it replicates, so a batch commits in one
-/// round trip, and everything that queued meanwhile makes the next, larger batch (64 connections: 1 gave
-/// ≈ 30.8k req/s, p99 5.1–5.4 ms; 2 and 4 gave ≈ 28k, p99 5.5 ms; same at 1 connection).
+/// Batches in flight at once. One: everything that queues while a batch commits makes the next, larger batch
+/// (64 connections, interleaved runs: 1 gave ≈ 29.4k req/s, p99 3.6–3.7 ms; 2 gave ≈ 28.2k, p99 3.8–4.1 ms;
+/// the same at 1 connection).
 const BATCHES_IN_FLIGHT: usize = 1;
 
 type Pending = (RaftRequest, tokio::sync::oneshot::Sender<Result<RaftResponse, ProposeError>>);

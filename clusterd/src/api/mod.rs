@@ -449,6 +449,7 @@ fn metrics_text(ctx: &Ctx) -> String {
     g("keel_forwarded_total", "Client requests forwarded to the leader.", "counter", ctx.forwarded.load(Ordering::Relaxed).to_string());
     g("keel_watchers", "Open long-poll watches.", "gauge", ctx.watchers.load(Ordering::Relaxed).to_string());
     g("keel_raft_log_entries_written_total", "Raft log entries made durable.", "counter", s.entries.load(Ordering::Relaxed).to_string());
+    g("keel_raft_log_durable_index", "Last Raft log entry on this member's disk.", "gauge", s.durable.load(Ordering::Relaxed).to_string());
     g("keel_raft_log_first_index", "First Raft log entry still in the store file (older ones were compacted into the snapshot).", "gauge", s.log_front.load(Ordering::Relaxed).to_string());
     let _ = writeln!(o, "# HELP keel_wal_fsync_duration_seconds Latency of the redb commit (fsync) of a log batch.\n# TYPE keel_wal_fsync_duration_seconds histogram");
     let mut cum = 0;

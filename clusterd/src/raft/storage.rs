@@ -132,6 +132,8 @@ pub struct StorageMetrics {
     pub entries: AtomicU64,
     /// Last committed index reported by openraft.
     pub committed: AtomicU64,
+    /// Last log index this member has on disk (entries above it are queued to the writer).
+    pub durable: AtomicU64,
     /// First log index still in the file (purged entries are dropped a chunk at a time).
     pub log_front: AtomicU64,
     /// Encoded bytes of log entries appended since the last snapshot was built or installed (the server
@@ -321,6 +323,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         None => SmData::default(),
     };
     let index = data.store.index();
+    metrics.durable.store(last_log.map_or(0, |l| l.index), Ordering::Relaxed);
     let shared = Arc::new(Shared {
         db,
         path,
@@ -539,6 +542,9 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
             match op {
                 Op::Append { entries, cb } => {
                     m.entries.fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    if let (Ok(()), Some((last, _))) = (&res, entries.last()) {
+                        m.durable.store(last.index, Ordering::Relaxed);
+                    }
                     if res.is_ok() {
                         if let Ok(mut r) = shared.recent.lock() {
                             r.durable(entries.iter().map(|(id, _)| *id));
