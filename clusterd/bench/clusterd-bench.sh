@@ -122,7 +122,9 @@ Tried and dropped: letting the leader write its own log in parallel with replica
 openraft 0.10 does) by patching openraft 0.9's \`append_to_log\`. It looked safe on paper and passed the kill -9
 and partition suites, but a new test that slows the leader's disk for real (a blkio cgroup limiting it to 10
 writes/s, then kill -9 of the leader) lost acknowledged writes in 3 of 8 runs, and none in 8 runs without the
-patch. It also measured smaller than first thought once the other fixes were in (interleaved runs without it:
+patch (likely cause: openraft 0.9 resumes leadership after a restart when the stored vote is the node's own,
+so a leader killed before its own write landed can come back in the same term and append different entries under
+log ids its followers already hold). It also measured smaller than first thought once the other fixes were in (interleaved runs without it:
 ≈ 2,050 req/s with 1 connection, ≈ 29.4k with 64). Not worth carrying; the way to that overlap is openraft 0.10.
 
 What is left, with 1 connection, is the storage engine. A redb \`Durability::Immediate\` commit of one log entry
