@@ -151,10 +151,9 @@ impl Snapshot {
         }
     }
 
-    /// `keel_model::fleet::drain_progress` over this snapshot.
+    /// `keel_model::fleet::drain_progress` over this snapshot (a first look: nothing was pending before).
     pub fn drain_progress(&self, machine_id: &str) -> fleet::DrainProgress {
-        let units: Vec<UnitRecord> = self.units.values().cloned().collect();
-        fleet::drain_progress(machine_id, &units, &self.schedule, &self.states)
+        self.drain_progress_after(machine_id, &fleet::DrainProgress::default())
     }
 
     /// `DrainProgress::next` over this snapshot: the next look at a drain being waited for.
