@@ -286,17 +286,15 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         let snapshot = read_snapshot(&snap_db, &snap_path, &db, &path)?;
         // Entries up to `last_purged` are gone from the log: the snapshot must cover them.
         let covered = snapshot.as_ref().and_then(|s| s.meta.last_log_id.map(|l| l.index));
-        if let Some(p) = last_purged {
-            if !covered.is_some_and(|c| c >= p.index) {
-                return Err(StorageError::Corrupt {
-                    path: snap_path.clone(),
-                    detail: format!(
-                        "the log was compacted up to index {} but the snapshot that replaces it {}",
-                        p.index,
-                        covered.map_or("is missing".to_string(), |c| format!("ends at {c}"))
-                    ),
-                });
-            }
+        if let Some(p) = last_purged.filter(|p| covered < Some(p.index)) {
+            return Err(StorageError::Corrupt {
+                path: snap_path.clone(),
+                detail: format!(
+                    "the log was compacted up to index {} but the snapshot that replaces it {}",
+                    p.index,
+                    covered.map_or("is missing".to_string(), |c| format!("ends at {c}"))
+                ),
+            });
         }
         let log = r.open_table(LOG).map_err(|e| corrupt(e.to_string()))?;
         // Where the file's log starts; an empty log has nothing left to drop after the purge point.
