@@ -109,7 +109,16 @@ $(echo "| etcd GET quorum, 64 conns | ${R[etcd-get-64]// / | } |")
 clusterd / etcd throughput: PUT 1 conn $(ratio clusterd-put-1 etcd-put-1), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64),
 GET 64 conns $(ratio clusterd-get-64 etcd-get-64). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
 
-Why clusterd is where it is (2026-11-22, second pass). **The committed-index hint** (openraft re-learns it
+Why clusterd is where it is (2026-11-22, third pass). **jemalloc** is the \`clusterd\` binary's allocator:
+glibc's malloc/free (with its chunk consolidation) took ≈ 20 % of every member's CPU at 64 connections; interleaved
+6 s runs gave 27.1–29.4k → 31.3–33.1k req/s with p99 3.8–4.5 → 3.3–3.6 ms, and no change with 1 connection
+(mimalloc was as fast but put 1 % of requests behind a 2–20 ms tail). Tried and dropped in the same pass: a
+connection of its own per replication stream instead of hyper's pooled client (no measurable change), and 2 or 3
+proposal batches in flight (−5 % and −13 %: with 64 connections fewer, larger batches win). With 64 connections
+the machine is ≈ 80 % busy (18 % idle while a batch waits on the leader's and then a follower's fsync); the
+largest items left are kernel socket work and hyper on the leader, redb commits and JSON decoding on followers.
+
+Second pass. **The committed-index hint** (openraft re-learns it
 from the leader) was a redb transaction of its own after every commit on every member, whose pages the next fsync
 then carried; it is now written at most every 100 ms inside a log transaction (≈ +20 % with 1 connection, ≈ +12 %
 with 64). **One batch in flight** instead of 2: everything that queues while a batch commits makes the next,
