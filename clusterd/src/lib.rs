@@ -13,5 +13,6 @@ pub mod discovery;
 pub mod fleetlock;
 pub mod fleet;
 pub mod kv;
+pub mod logging;
 pub mod raft;
 pub mod server;

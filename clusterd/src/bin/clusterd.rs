@@ -101,8 +101,13 @@ struct Args {
     #[arg(long)]
     discovery: Option<String>,
     /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "warn")]
+    #[arg(long, default_value = "warn", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
+    /// At most LINES per SECONDS from one place in the code (info and above), e.g. 5/10s; the rest are counted
+    /// and summed up in one "held back N more" line per window. 0 prints every line. A member that cannot reach
+    /// a peer would otherwise log each failed leadership check of a read, thousands of lines a second.
+    #[arg(long, default_value = "5/10s", value_name = "LINES/SECONDS")]
+    log_repeat_limit: keel_clusterd::logging::Limit,
     /// Run the fleet agent (default: when --init-socket exists). The fleet engine always runs and acts only
     /// while this member leads.
     #[arg(long, overrides_with = "no_fleet_agent")]
@@ -311,7 +316,7 @@ fn main() -> anyhow::Result<()> {
         "trace" => tracing::Level::TRACE,
         _ => tracing::Level::WARN,
     };
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_ansi(false).init();
+    keel_clusterd::logging::init(level, args.log_repeat_limit);
     if let Some(Sub::Discovery { listen_url, advertise_url }) = &args.cmd {
         let addr = server::parse_url_addr(listen_url)?;
         let public = advertise_url.clone().unwrap_or_else(|| listen_url.clone());
