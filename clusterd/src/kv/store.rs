@@ -556,6 +556,20 @@ impl Store {
         Err(self.err(code::TEST_FAILED, cause))
     }
 
+    /// What compare-and-swap and compare-and-delete check first: `key` is a file (not the root, not a
+    /// directory) whose value and index match the conditions. The node and its view before the write.
+    fn compared_file(&self, key: &str, prev_value: &str, prev_index: u64, now: i64) -> Result<(&Node, NodeView), EtcdError> {
+        if key == "/" {
+            return Err(self.err(code::ROOT_RONLY, "/"));
+        }
+        let n = self.lookup(key)?;
+        if n.is_dir() {
+            return Err(self.err(code::NOT_FILE, key));
+        }
+        self.compare(key, n, prev_value, prev_index)?;
+        Ok((n, Self::prev_view(key, n, now)))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn cas(
         &mut self,
@@ -567,15 +581,7 @@ impl Store {
         refresh: bool,
         now: i64,
     ) -> Result<(Event, bool, bool), EtcdError> {
-        if key == "/" {
-            return Err(self.err(code::ROOT_RONLY, "/"));
-        }
-        let n = self.lookup(key)?;
-        if n.is_dir() {
-            return Err(self.err(code::NOT_FILE, key));
-        }
-        self.compare(key, n, prev_value, prev_index)?;
-        let prev = Self::prev_view(key, n, now);
+        let (n, prev) = self.compared_file(key, prev_value, prev_index, now)?;
         let value = if refresh { n.value.clone().unwrap_or_default() } else { value.to_string() };
         let next = self.index + 1;
         {
@@ -590,15 +596,7 @@ impl Store {
     }
 
     fn cad(&mut self, key: &str, prev_value: &str, prev_index: u64, now: i64) -> Result<(Event, bool, bool), EtcdError> {
-        if key == "/" {
-            return Err(self.err(code::ROOT_RONLY, "/"));
-        }
-        let n = self.lookup(key)?;
-        if n.is_dir() {
-            return Err(self.err(code::NOT_FILE, key));
-        }
-        self.compare(key, n, prev_value, prev_index)?;
-        let prev = Self::prev_view(key, n, now);
+        let (n, prev) = self.compared_file(key, prev_value, prev_index, now)?;
         let created = n.created;
         self.index += 1;
         self.detach(key);
