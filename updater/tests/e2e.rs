@@ -96,6 +96,13 @@ impl World {
         );
     }
 
+    /// An engine on a machine that booted `version` from `slot` in boot `boot_id`, plus `extra` flags.
+    fn booted(&self, version: &str, slot: &str, boot_id: &str, extra: &[&str]) -> Proc {
+        let mut args = vec!["--running-version", version, "--active-slot", slot, "--boot-id", boot_id];
+        args.extend_from_slice(extra);
+        self.engine(&args)
+    }
+
     fn engine(&self, extra: &[&str]) -> Proc {
         let state = self.dir.path().join("state");
         let server = format!("{}/v1/update/", self.server.url);
@@ -193,14 +200,7 @@ fn update_end_to_end_then_reboot_and_bless() {
     let w = world();
     let (payload, usr, kernel) = make_payload(w.dir.path(), "1.1.0", &w.key, USR_LEN, 42);
     w.publish(&payload);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-1", &[]);
     let st = apply_and_wait(&engine);
     assert_eq!(st["state"], "UPDATED_NEED_REBOOT", "{st}");
     // Partition B holds the new image; the UKI is on the ESP with a boot counter; GPT says try B once.
@@ -233,18 +233,13 @@ fn update_end_to_end_then_reboot_and_bless() {
     drop(engine);
 
     // "Reboot" into B: the engine starts on the new slot, the health gate passes, B is blessed, 3/2 reported.
-    let engine = w.engine(&[
-        "--running-version",
-        "1.1.0",
-        "--active-slot",
-        "b",
-        "--boot-id",
-        "boot-2",
-        "--health-cmd",
-        "true",
-        "--health-hold",
-        "200ms",
-    ]);
+    let engine = w.booted(
+        "1.1.0", "b", "boot-2",
+        &[
+            "--health-cmd", "true",
+            "--health-hold", "200ms",
+        ],
+    );
     assert!(
         wait_until(Duration::from_secs(20), || status(&engine)["health"]
             == "good"),
@@ -281,17 +276,8 @@ fn killed_mid_write_resumes_and_old_slot_is_untouched() {
     let w = world();
     let (payload, usr, _) = make_payload(w.dir.path(), "1.1.0", &w.key, USR_LEN, 43);
     w.publish(&payload);
-    let args = [
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-        "--max-download-rate",
-        "4000000",
-    ];
-    let engine = w.engine(&args);
+    let args = ["--max-download-rate", "4000000"];
+    let engine = w.booted("1.0.0", "a", "boot-1", &args);
     ureq::post(&format!("{}/v1/apply", engine.url))
         .call()
         .expect("apply");
@@ -326,14 +312,7 @@ fn killed_mid_write_resumes_and_old_slot_is_untouched() {
     );
     w.assert_old_slot_untouched();
 
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-1", &[]);
     let st = apply_and_wait(&engine);
     assert_eq!(
         st["state"], "UPDATED_NEED_REBOOT",
@@ -356,14 +335,7 @@ fn killed_mid_write_resumes_and_old_slot_is_untouched() {
 fn refused(w: &World, payload: &Path, want_code: u64, running: &str, tweak: impl FnOnce(&World)) {
     w.publish(payload);
     tweak(w);
-    let engine = w.engine(&[
-        "--running-version",
-        running,
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted(running, "a", "boot-1", &[]);
     let st = apply_and_wait(&engine);
     assert_eq!(st["state"], "ERROR", "{st}");
     assert_eq!(st["last_error_code"].as_u64(), Some(want_code), "{st}");
@@ -459,14 +431,7 @@ fn failed_boot_falls_back_and_reports_rollback() {
     let w = world();
     let (payload, _, _) = make_payload(w.dir.path(), "1.1.0", &w.key, 1 << 20, 48);
     w.publish(&payload);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-1", &[]);
     assert_eq!(apply_and_wait(&engine)["state"], "UPDATED_NEED_REBOOT");
     drop(engine);
     // B was tried once, never blessed; systemd-boot counted it down and the machine came back on A.
@@ -475,14 +440,7 @@ fn failed_boot_falls_back_and_reports_rollback() {
         w.esp.join("EFI/Linux/keel-1.1.0-usr-b+0-1.efi"),
     )
     .expect("count down");
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-3",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-3", &[]);
     // The next check carries 3/0/44; the server marks the machine rolled back and halts the group.
     ureq::post(&format!("{}/v1/check", engine.url))
         .call()
@@ -507,26 +465,10 @@ fn updatectl_rollback_switches_slot_without_network() {
     let w = world();
     let (payload, _, _) = make_payload(w.dir.path(), "1.1.0", &w.key, 1 << 20, 49);
     w.publish(&payload);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-1", &[]);
     assert_eq!(apply_and_wait(&engine)["state"], "UPDATED_NEED_REBOOT");
     drop(engine);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.1.0",
-        "--active-slot",
-        "b",
-        "--boot-id",
-        "boot-2",
-        "--server",
-        "http://127.0.0.1:9/v1/update/",
-    ]);
+    let engine = w.booted("1.1.0", "b", "boot-2", &["--server", "http://127.0.0.1:9/v1/update/"]);
     assert!(wait_until(Duration::from_secs(10), || status(&engine)
         ["health"]
         == "good"));
@@ -571,14 +513,7 @@ fn paused_group_is_visible_from_the_machine_and_the_cli() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     cli(&["pause", "stable"]);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-1", &[]);
     let st = apply_and_wait(&engine);
     assert_eq!(st["state"], "IDLE", "{st}");
     assert!(
@@ -621,14 +556,7 @@ fn installed_world(seed: u64) -> World {
     let w = world();
     let (payload, _, _) = make_payload(w.dir.path(), "1.1.0", &w.key, 1 << 20, seed);
     w.publish(&payload);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.0.0",
-        "--active-slot",
-        "a",
-        "--boot-id",
-        "boot-1",
-    ]);
+    let engine = w.booted("1.0.0", "a", "boot-1", &[]);
     assert_eq!(apply_and_wait(&engine)["state"], "UPDATED_NEED_REBOOT");
     w
 }
@@ -642,22 +570,15 @@ fn health_gate_waits_for_every_required_unit_before_blessing() {
     ])));
     let sock = w.dir.path().join("init.sock");
     fake_init(&sock, units.clone());
-    let engine = w.engine(&[
-        "--running-version",
-        "1.1.0",
-        "--active-slot",
-        "b",
-        "--boot-id",
-        "boot-2",
-        "--init-socket",
-        sock.to_str().expect("utf8"),
-        "--health-units",
-        "clusterd.service,web.service",
-        "--health-hold",
-        "400ms",
-        "--health-timeout",
-        "30s",
-    ]);
+    let engine = w.booted(
+        "1.1.0", "b", "boot-2",
+        &[
+            "--init-socket", sock.to_str().expect("utf8"),
+            "--health-units", "clusterd.service,web.service",
+            "--health-hold", "400ms",
+            "--health-timeout", "30s",
+        ],
+    );
     assert!(
         wait_until(Duration::from_secs(10), || status(&engine)["health"]
             .as_str()
@@ -702,22 +623,15 @@ fn failing_health_gate_leaves_the_slot_unblessed() {
     )])));
     let sock = w.dir.path().join("init.sock");
     fake_init(&sock, units);
-    let engine = w.engine(&[
-        "--running-version",
-        "1.1.0",
-        "--active-slot",
-        "b",
-        "--boot-id",
-        "boot-2",
-        "--init-socket",
-        sock.to_str().expect("utf8"),
-        "--health-units",
-        "web.service",
-        "--health-hold",
-        "200ms",
-        "--health-timeout",
-        "1s",
-    ]);
+    let engine = w.booted(
+        "1.1.0", "b", "boot-2",
+        &[
+            "--init-socket", sock.to_str().expect("utf8"),
+            "--health-units", "web.service",
+            "--health-hold", "200ms",
+            "--health-timeout", "1s",
+        ],
+    );
     assert!(
         wait_until(Duration::from_secs(15), || status(&engine)["health"]
             == "failed"),
