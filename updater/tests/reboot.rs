@@ -473,6 +473,11 @@ fn fleetlock_post(member: &str, path: &str, id: &str) -> u16 {
     }
 }
 
+/// A FleetLock request (protocol header set) for machine `id` in `group`, with curl.
+fn fleetlock(url: &str, id: &str, group: &str) -> (u16, Value) {
+    curl(url, true, &fleetlock_body(id, group))
+}
+
 fn fleetlock_body(id: &str, group: &str) -> String {
     json!({"client_params": {"id": id, "group": group}}).to_string()
 }
@@ -501,21 +506,13 @@ fn fleetlock_over_curl_shares_the_semaphore_with_locksmithctl() {
 
     // Every member answers (followers forward to the leader).
     for i in 0..3 {
-        let (code, v) = curl(
-            &url(i, "/v1/pre-reboot"),
-            true,
-            &fleetlock_body("node-a", "default"),
-        );
+        let (code, v) = fleetlock(&url(i, "/v1/pre-reboot"), "node-a", "default");
         assert_eq!(code, 200, "member {i}: {v}");
     }
     assert_eq!(holders(&c.semaphore(SEMAPHORE)), ["node-a"]);
     let err = fails(&locksmithctl(&c, &["lock", "machine-b"]));
     assert!(err.contains("node-a"), "{err}");
-    let (code, v) = curl(
-        &url(1, "/v1/pre-reboot"),
-        true,
-        &fleetlock_body("node-b", "default"),
-    );
+    let (code, v) = fleetlock(&url(1, "/v1/pre-reboot"), "node-b", "default");
     assert_eq!(
         (code, v["kind"].as_str()),
         (409, Some("failed_lock_semaphore_full")),
@@ -525,27 +522,15 @@ fn fleetlock_over_curl_shares_the_semaphore_with_locksmithctl() {
 
     // steady-state releases; releasing again is fine; then locksmithctl gets the slot and FleetLock sees it.
     for _ in 0..2 {
-        let (code, v) = curl(
-            &url(2, "/v1/steady-state"),
-            true,
-            &fleetlock_body("node-a", "default"),
-        );
+        let (code, v) = fleetlock(&url(2, "/v1/steady-state"), "node-a", "default");
         assert_eq!(code, 200, "{v}");
     }
     ok(&locksmithctl(&c, &["lock", "machine-b"]));
-    let (code, _) = curl(
-        &url(0, "/v1/pre-reboot"),
-        true,
-        &fleetlock_body("node-a", "default"),
-    );
+    let (code, _) = fleetlock(&url(0, "/v1/pre-reboot"), "node-a", "default");
     assert_eq!(code, 409);
     // locksmithctl can free a FleetLock holder too, and groups are shared.
     ok(&locksmithctl(&c, &["set-max", "1", "--group", "workers"]));
-    let (code, v) = curl(
-        &url(1, "/v1/pre-reboot"),
-        true,
-        &fleetlock_body("node-w", "workers"),
-    );
+    let (code, v) = fleetlock(&url(1, "/v1/pre-reboot"), "node-w", "workers");
     assert_eq!(code, 200, "{v}");
     let st: Value = serde_json::from_str(&ok(&locksmithctl(
         &c,
@@ -557,11 +542,7 @@ fn fleetlock_over_curl_shares_the_semaphore_with_locksmithctl() {
         &c,
         &["unlock", "node-w", "--group", "workers"],
     ));
-    let (code, v) = curl(
-        &url(1, "/v1/pre-reboot"),
-        true,
-        &fleetlock_body("node-v", "workers"),
-    );
+    let (code, v) = fleetlock(&url(1, "/v1/pre-reboot"), "node-v", "workers");
     assert_eq!(code, 200, "{v}");
 }
 
