@@ -114,7 +114,9 @@ glibc's malloc/free (with its chunk consolidation) took ≈ 20 % of every member
 6 s runs gave 27.1–29.4k → 31.3–33.1k req/s with p99 3.8–4.5 → 3.3–3.6 ms, and no change with 1 connection
 (mimalloc was as fast but put 1 % of requests behind a 2–20 ms tail). Tried and dropped in the same pass: a
 connection of its own per replication stream instead of hyper's pooled client (no measurable change), and 2 or 3
-proposal batches in flight (−5 % and −13 %: with 64 connections fewer, larger batches win). With 64 connections
+proposal batches in flight (−5 % and −13 %: with 64 connections fewer, larger batches win), lingering before a
+proposal to catch more of it (3 task yields: no change; a 100 µs timer, which tokio rounds to 1 ms: −40 %), and
+not waiting for the purge point's transaction (no change). With 64 connections
 the machine is ≈ 80 % busy (18 % idle while a batch waits on the leader's and then a follower's fsync); the
 largest items left are kernel socket work and hyper on the leader, redb commits and JSON decoding on followers.
 
