@@ -275,16 +275,32 @@ fn restart_keeps_data_and_corrupt_store_is_refused() {
         assert_eq!(c.value(0, &format!("/r/k{i}"), false).as_deref(), Some(format!("v{i}").as_str()), "lost /r/k{i} after kill -9");
     }
     c.stop(0);
-    // Truncate the store: the member must refuse to start with a clear message.
-    let db = c.members[0].dir.join("clusterd.redb");
-    let len = std::fs::metadata(&db).expect("db").len();
-    let f = std::fs::OpenOptions::new().write(true).open(&db).expect("open db");
-    f.set_len(len / 3).expect("truncate");
-    drop(f);
-    let out = c.command(0).output().expect("run clusterd");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "clusterd started on a truncated store: {err}");
-    assert!(err.contains("clusterd.redb") && (err.contains("corrupt") || err.contains("truncated")), "unclear message: {err}");
+    let dir = c.members[0].dir.clone();
+    let db = dir.join("clusterd.redb");
+    let saved = std::fs::read(&db).expect("read db");
+    let refused = |what: &str| {
+        let err = c.run_refused(0);
+        assert!(err.contains("clusterd.redb") && err.contains("corrupt or truncated"), "{what}: unclear message: {err}");
+        assert!(!err.contains("RUST_BACKTRACE") && !err.contains("panicked"), "{what}: a crash report, not a message: {err}");
+        err
+    };
+    // Truncated to its first page (cutting only free pages at the end would leave a valid store).
+    std::fs::OpenOptions::new().write(true).open(&db).expect("open db").set_len(4096).expect("truncate");
+    refused("truncated");
+    // The header overwritten.
+    let mut bad = saved.clone();
+    bad[..64].fill(0);
+    std::fs::write(&db, &bad).expect("write db");
+    refused("zeroed header");
+    // The log file gone, the snapshot file left: the member's vote is lost, so it must not start empty.
+    std::fs::remove_file(&db).expect("remove db");
+    let err = refused("log file missing");
+    assert!(err.contains("vote"), "{err}");
+    // Put back, it starts with its data.
+    std::fs::write(&db, &saved).expect("restore db");
+    c.spawn(0);
+    c.wait_ready();
+    assert_eq!(c.value(0, "/r/k49", false).as_deref(), Some("v49"));
 }
 
 #[test]

@@ -207,11 +207,16 @@ fn config(a: &Args) -> anyhow::Result<Config> {
 /// and this way the member reports it clearly instead of dying without a word.
 fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
     let db = dir.join("clusterd.redb");
-    if !db.exists() {
+    if !db.exists() && !dir.join("snapshot.redb").exists() {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the clusterd binary")?;
-    let out = std::process::Command::new(exe).arg("__check-store").arg(dir).output().context("running the store check")?;
+    let out = std::process::Command::new(exe)
+        .arg("__check-store")
+        .arg(dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .context("running the store check")?;
     if out.status.success() {
         return Ok(());
     }
@@ -299,6 +304,16 @@ fn fleet_agent_config(a: &Args, cfg: &Config) -> anyhow::Result<Option<AgentConf
 fn main() -> anyhow::Result<()> {
     let mut raw = std::env::args_os();
     if raw.nth(1).is_some_and(|a| a == "__check-store") {
+        // The storage engine may panic on damaged pages: its message, on one line, is what the parent reports.
+        std::panic::set_hook(Box::new(|info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the storage engine aborted".into());
+            eprintln!("{}", msg.replace('\n', " "));
+        }));
         let dir = std::path::PathBuf::from(raw.next().unwrap_or_default());
         match keel_clusterd::raft::storage::verify(&dir) {
             Ok(()) => std::process::exit(0),

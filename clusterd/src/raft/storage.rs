@@ -265,6 +265,11 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
     let path = dir.join("clusterd.redb");
     let snap_path = dir.join("snapshot.redb");
     let corrupt = |detail: String| StorageError::Corrupt { path: path.clone(), detail };
+    // clusterd.redb is always created first; a snapshot file without it means the log and the vote were lost,
+    // and a member that forgot its vote could vote twice in one term.
+    if !path.exists() && snap_path.exists() {
+        return Err(corrupt("the file is missing but snapshot.redb is there: this member's Raft log and vote are gone".into()));
+    }
     let (db, _) = open_db(&path, &[META], true)?;
     let (snap_db, _) = open_db(&snap_path, &[SNAP], false)?;
     // Decode everything once: a damaged record means we refuse to start.

@@ -245,6 +245,29 @@ impl Cluster {
         self.members[i].child = Some(child);
     }
 
+    /// Run member `i` in the foreground on a store it must refuse; its stderr. Fails, instead of hanging, when
+    /// the member is still running after 20 s: it started on the damaged store.
+    pub fn run_refused(&self, i: usize) -> String {
+        let mut child = self.command(i).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run clusterd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for clusterd") {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                assert!(!status.success(), "clusterd exited 0 on a damaged store: {err}");
+                return err;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("clusterd started on a damaged store (still running after 20 s)");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
