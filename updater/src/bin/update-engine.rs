@@ -10,23 +10,11 @@ use keel_updater::engine::{control, Config, Engine, HealthConfig};
 use keel_updater::reboot::{self, RebootConfig, RebootManager, Strategy};
 use keel_updater::slot::Slot;
 
+/// A flag's duration: a systemd time span (`30s`, `7m`, `4h`, `500ms`, `1h30m`; a bare number is seconds), the
+/// same grammar as unit files (keel_model::duration); `infinity` has no meaning for these flags.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 7m, 4h, 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit in {s:?}; use ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    keel_model::duration::parse_timespan(s)?
+        .ok_or_else(|| format!("{s:?} is not allowed here; give a duration like 30s, 7m, 4h or 500ms"))
 }
 
 #[derive(Parser)]
