@@ -329,9 +329,7 @@ fn the_snapshot_lives_in_its_own_file_and_a_compacted_log_without_it_is_refused(
     // Without the snapshot the compacted log cannot rebuild the state: refuse, and name the missing file.
     let kept = c.members[0].dir.join("snapshot.redb.kept");
     std::fs::rename(&snap, &kept).expect("move snapshot.redb away");
-    let out = c.command(0).output().expect("run clusterd");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "clusterd started without the snapshot of its compacted log: {err}");
+    let err = c.run_refused(0);
     assert!(err.contains("snapshot.redb") && err.contains("compacted"), "unclear message: {err}");
     // Put back, the member starts with every value.
     std::fs::remove_file(&snap).ok();
