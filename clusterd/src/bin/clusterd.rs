@@ -227,8 +227,9 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
         anyhow::bail!("{detail}");
     }
     anyhow::bail!(
-        "store {} is corrupt or truncated ({detail}); refusing to start. Move it away and re-add this member empty",
-        db.display()
+        "store {} is corrupt or truncated ({detail}); refusing to start. {}",
+        db.display(),
+        keel_clusterd::raft::storage::readd_hint(&db)
     )
 }
 

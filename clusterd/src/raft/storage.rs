@@ -48,7 +48,9 @@ const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The file exists but cannot be trusted.
-    #[error("store {path} is corrupt or truncated ({detail}); refusing to start. Move it away and re-add this member empty")]
+    #[error(
+        "store {} is corrupt or truncated ({detail}); refusing to start. {}", .path.display(), readd_hint(.path)
+    )]
     Corrupt {
         /// The redb file.
         path: PathBuf,
@@ -196,6 +198,17 @@ pub struct StateMachine {
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     /// Sends the store index after every applied batch (watchers wait on it).
     pub applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// What to do about a damaged store at `path`: both files go, the member comes back empty.
+pub fn readd_hint(path: &Path) -> String {
+    let dir = path.parent().unwrap_or(path);
+    format!(
+        "Move the data directory {} away (both clusterd.redb and snapshot.redb), then re-add this member empty: \
+         `clusterctl member remove ID`, `clusterctl member add NAME PEER-URL`, and start it with \
+         --initial-cluster-state existing",
+        dir.display()
+    )
 }
 
 /// Open (or create) a redb file, integrity-check it if it existed, and make sure `tables` exist.
