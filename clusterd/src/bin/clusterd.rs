@@ -211,12 +211,7 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the clusterd binary")?;
-    let out = std::process::Command::new(exe)
-        .arg("__check-store")
-        .arg(dir)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .context("running the store check")?;
+    let out = std::process::Command::new(exe).arg("__check-store").arg(dir).output().context("running the store check")?;
     if out.status.success() {
         return Ok(());
     }
@@ -226,11 +221,7 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
     if detail.starts_with("store ") {
         anyhow::bail!("{detail}");
     }
-    anyhow::bail!(
-        "store {} is corrupt or truncated ({detail}); refusing to start. {}",
-        db.display(),
-        keel_clusterd::raft::storage::readd_hint(&db)
-    )
+    Err(keel_clusterd::raft::storage::StorageError::Corrupt { path: db, detail }.into())
 }
 
 /// `KEY=value` lines (quotes stripped) of an env file; empty when it does not exist.

@@ -201,7 +201,7 @@ pub struct StateMachine {
 }
 
 /// What to do about a damaged store at `path`: both files go, the member comes back empty.
-pub fn readd_hint(path: &Path) -> String {
+fn readd_hint(path: &Path) -> String {
     let dir = path.parent().unwrap_or(path);
     format!(
         "Move the data directory {} away (both clusterd.redb and snapshot.redb), then re-add this member empty: \
