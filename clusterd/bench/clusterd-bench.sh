@@ -92,7 +92,7 @@ ratio() { awk -v a="$(echo "${R[$1]}" | cut -d' ' -f1)" -v b="$(echo "${R[$2]}" 
 SECTION="$(cat <<MD
 ## clusterd
 
-Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, loopback, both clusters' data on the same disk, one after the
+Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r), $(etcd --version 2>/dev/null | head -1)), loopback, both clusters' data on the same disk, one after the
 other in the same run (\`clusterd/bench/clusterd-bench.sh $DUR\`). 3 members each; \`wrk\` against the leader;
 v2 \`PUT\` of 256-byte values over 1000 keys; GET is linearizable (clusterd's default, etcd's \`quorum=true\`).
 Both fsync before acknowledging (clusterd: redb \`Durability::Immediate\`, one transaction per batch).
