@@ -25,9 +25,9 @@ use tokio::net::TcpListener;
 use crate::api::{self, Body};
 use crate::kv::error::code;
 use crate::kv::{EtcdError, KvOp, WriteOk};
-use crate::raft::network::{http_client, post_json, HttpClient, Network, FROM_HEADER, TOKEN_HEADER};
+use crate::raft::network::{http_client, post_json, Encoding, HttpClient, Network, FROM_HEADER, TOKEN_HEADER};
 use crate::raft::storage::{self, StateMachine, StorageMetrics};
-use crate::raft::{member_id, Member, Raft, Request as RaftRequest, Response as RaftResponse};
+use crate::raft::{codec, member_id, Member, Raft, Request as RaftRequest, Response as RaftResponse};
 
 /// How long a proposal may wait for commit before the client gets an error.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -553,37 +553,47 @@ async fn peer_handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body
         }
         return api::handle(ctx, req, true).await;
     }
+    let req_content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = match Limited::new(req.into_body(), 512 * 1024 * 1024).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => return simple(400, format!("{{\"message\":\"reading body: {e}\"}}\n")),
     };
-    fn answer<T: serde::Serialize>(v: &T) -> Response<Body> {
-        match serde_json::to_vec(v) {
-            Ok(b) => simple(200, b),
+    let enc = match req_content_type.as_deref() {
+        Some(codec::PEER_CONTENT_TYPE) => Encoding::Postcard,
+        _ => Encoding::Json,
+    };
+    fn answer<T: serde::Serialize>(enc: Encoding, v: &T) -> Response<Body> {
+        let ct = enc.content_type();
+        match enc.encode(v) {
+            Ok(b) => Response::builder()
+                .status(200)
+                .header("content-type", ct)
+                .body(Full::new(Bytes::from(b)).boxed())
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())),
             Err(e) => simple(500, format!("{{\"message\":\"encode: {e}\"}}\n")),
         }
     }
     macro_rules! decode {
         ($t:ty) => {
-            match serde_json::from_slice::<$t>(&body) {
+            match enc.decode::<$t>(&body) {
                 Ok(v) => v,
                 Err(e) => return simple(400, format!("{{\"message\":\"decode: {e}\"}}\n")),
             }
         };
     }
     match path.as_str() {
-        "/raft/append" => answer(&ctx.raft.append_entries(decode!(openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>)).await),
-        "/raft/vote" => answer(&ctx.raft.vote(decode!(openraft::raft::VoteRequest<u64>)).await),
-        "/raft/snapshot" => answer(&ctx.raft.install_snapshot(decode!(openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>)).await),
+        "/raft/append" => answer(enc, &ctx.raft.append_entries(decode!(openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>)).await),
+        "/raft/vote" => answer(enc, &ctx.raft.vote(decode!(openraft::raft::VoteRequest<u64>)).await),
+        "/raft/snapshot" => answer(enc, &ctx.raft.install_snapshot(decode!(openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>)).await),
         "/keel/elect" => {
             // Leader transfer: the old leader asks this (caught-up) follower to campaign now.
             let r: Result<(), String> = ctx.raft.trigger().elect().await.map_err(|e| e.to_string());
-            answer(&r)
+            answer(enc, &r)
         }
         "/keel/propose" => {
             let req = decode!(RaftRequest);
             let r: Result<RaftResponse, String> = ctx.propose(req).await.map_err(|e| e.to_string());
-            answer(&r)
+            answer(enc, &r)
         }
         _ => simple(404, "{\"message\":\"no such peer endpoint\"}\n"),
     }

@@ -44,6 +44,28 @@ fn three_members_replicate_forward_and_refuse_strangers() {
     let peer = format!("{}/raft/vote", c.members[leader].peer_url);
     let r = request_with("POST", &peer, Some(("application/json", "{}")), Duration::from_secs(5)).expect("post");
     assert_eq!(r.status, 403, "peer request without token: {}", r.body);
+    // With the token: a JSON body (what members built before the binary peer encoding send) is answered in JSON,
+    // and a postcard body that does not decode is a 400, not a crash.
+    let peer_post = |content_type: &str, body: &[u8]| {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", "-w", "\n%{http_code} %{content_type}", "--data-binary", "@-"])
+            .args(["-H", &format!("x-keel-cluster-token: {}", c.token), "-H", &format!("content-type: {content_type}"), &peer])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut ch| {
+                use std::io::Write;
+                ch.stdin.take().expect("stdin").write_all(body)?;
+                ch.wait_with_output()
+            })
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let stale_vote = r#"{"vote":{"leader_id":{"term":0,"node_id":1},"committed":false},"last_log_id":null}"#;
+    let out = peer_post("application/json", stale_vote.as_bytes());
+    assert!(out.contains("\"vote_granted\":false") && out.ends_with("200 application/json"), "JSON vote: {out}");
+    let out = peer_post("application/x-keel-postcard", &[0xff, 0xff, 0xff]);
+    assert!(out.contains("decode") && out.starts_with('{') && out.contains("\n400 "), "garbled postcard vote: {out}");
     // clusterctl status shows the leader and every member healthy.
     let out = Command::new(CTL).args(["--endpoints", &c.members[follower].client_url, "status"]).output().expect("clusterctl");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -89,23 +89,31 @@ impl Reply {
 }
 
 fn finish(ctx: &Ctx, r: Reply) -> Response<Body> {
-    let mut b = Response::builder()
-        .status(r.status)
-        .header("content-type", r.content_type)
-        .header("access-control-allow-origin", "*")
-        .header("access-control-allow-methods", "POST, GET, OPTIONS, PUT, DELETE")
-        .header("access-control-allow-headers", "accept, content-type, authorization")
-        .header("x-etcd-cluster-id", format!("{:x}", ctx.cluster_id));
+    use hyper::header::{self, HeaderName, HeaderValue};
+    let mut resp = Response::new(r.body);
+    *resp.status_mut() = hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    // Static names and values: no per-request header parsing (this runs for every client request).
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("accept, content-type, authorization"));
+    if let Ok(v) = HeaderValue::try_from(format!("{:x}", ctx.cluster_id)) {
+        h.insert(HeaderName::from_static("x-etcd-cluster-id"), v);
+    }
     if let Some(i) = r.etcd_index {
-        b = b.header("x-etcd-index", i.to_string());
+        h.insert(HeaderName::from_static("x-etcd-index"), HeaderValue::from(i));
     }
     if r.raft_headers {
-        let m = ctx.raft.metrics().borrow().clone();
-        b = b
-            .header("x-raft-index", m.last_applied.map(|l| l.index).unwrap_or(0).to_string())
-            .header("x-raft-term", m.current_term.to_string());
+        let (applied, term) = {
+            let m = ctx.raft.metrics();
+            let m = m.borrow();
+            (m.last_applied.map_or(0, |l| l.index), m.current_term)
+        };
+        h.insert(HeaderName::from_static("x-raft-index"), HeaderValue::from(applied));
+        h.insert(HeaderName::from_static("x-raft-term"), HeaderValue::from(term));
     }
-    b.body(r.body).unwrap_or_else(|_| Response::new(full("internal error building response\n")))
+    resp
 }
 
 /// Handle one client request. `forwarded` is true when a follower proxied it here (never forward again).

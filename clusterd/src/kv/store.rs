@@ -187,6 +187,11 @@ fn components(key: &str) -> Vec<&str> {
     key.split('/').filter(|s| !s.is_empty()).collect()
 }
 
+/// The key made of `comps` (`/` for none); built only for error causes, off the hot path.
+fn path_of(comps: &[&str]) -> String {
+    format!("/{}", comps.join("/"))
+}
+
 fn join(parent: &str, name: &str) -> String {
     if parent == "/" {
         format!("/{name}")
@@ -251,16 +256,15 @@ impl Store {
     }
 
     fn lookup(&self, key: &str) -> Result<&Node, EtcdError> {
+        let comps = components(key);
         let mut cur = &self.root;
-        let mut path = String::from("/");
-        for name in components(key) {
+        for (i, name) in comps.iter().enumerate() {
             if !cur.is_dir() {
-                return Err(self.err(code::NOT_DIR, path));
+                return Err(self.err(code::NOT_DIR, path_of(&comps[..i])));
             }
-            path = join(&path, name);
-            match cur.children.get(name) {
+            match cur.children.get(*name) {
                 Some(c) => cur = c,
-                None => return Err(self.err(code::KEY_NOT_FOUND, path)),
+                None => return Err(self.err(code::KEY_NOT_FOUND, path_of(&comps[..=i]))),
             }
         }
         Ok(cur)
@@ -453,12 +457,10 @@ impl Store {
         // Walk, checking that every ancestor is a directory (or missing, then created).
         {
             let mut cur = &self.root;
-            let mut path = String::from("/");
-            for d in dirs {
-                path = join(&path, d);
+            for (i, d) in dirs.iter().enumerate() {
                 match cur.children.get(*d) {
                     Some(c) if c.is_dir() => cur = c,
-                    Some(_) => return Err(self.err(code::NOT_DIR, path)),
+                    Some(_) => return Err(self.err(code::NOT_DIR, path_of(&comps[..=i]))),
                     None => break,
                 }
             }
@@ -473,16 +475,26 @@ impl Store {
             }
             prev = Some(Self::prev_view(&key, existing, now));
         }
-        if prev.is_some() {
-            self.detach(&key);
-        }
         let mut cur = &mut self.root;
         for d in dirs {
-            cur = cur.children.entry((*d).to_string()).or_insert_with(|| Node::dir(next, None));
+            if !cur.children.contains_key(*d) {
+                cur.children.insert((*d).to_string(), Node::dir(next, None));
+            }
+            cur = cur.children.get_mut(*d).ok_or_else(|| EtcdError::new(code::RAFT_INTERNAL, "tree", 0))?;
         }
         let n = if dir { Node::dir(next, expire) } else { Node::file(next, value.to_string(), expire) };
         let node = Self::prev_view(&key, &n, now);
-        cur.children.insert((*name).to_string(), n);
+        // A replaced file is overwritten in place (no remove and re-insert in its parent's map).
+        let replaced = match cur.children.get_mut(*name) {
+            Some(slot) => Some(std::mem::replace(slot, n)),
+            None => {
+                cur.children.insert((*name).to_string(), n);
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            self.untrack_subtree(&key, &old);
+        }
         if let Some(e) = expire {
             self.ttls.insert((e, key.clone()));
         }
@@ -500,16 +512,19 @@ impl Store {
         refresh: bool,
         now: i64,
     ) -> Result<(Event, bool, bool), EtcdError> {
-        let mut value = value.to_string();
-        if refresh {
-            let n = self.lookup(key)?;
-            value = n.value.clone().unwrap_or_default();
-        } else if let Err(e) = self.lookup(key) {
-            if e.code != code::KEY_NOT_FOUND {
-                return Err(e);
+        let kept;
+        let value = if refresh {
+            kept = self.lookup(key)?.value.clone().unwrap_or_default();
+            kept.as_str()
+        } else {
+            if let Err(e) = self.lookup(key) {
+                if e.code != code::KEY_NOT_FOUND {
+                    return Err(e);
+                }
             }
-        }
-        let (ev, created, _) = self.create(key, dir, &value, false, true, expire, "set", now)?;
+            value
+        };
+        let (ev, created, _) = self.create(key, dir, value, false, true, expire, "set", now)?;
         Ok((ev, created, !refresh))
     }
 

@@ -4,6 +4,7 @@
 //! peer URL as kept in the Raft membership) and member-id derivation. Submodules own storage (`storage`, redb)
 //! and the peer transport client (`network`). Does not: serve HTTP (see `server`) or interpret keys (see `kv`).
 
+pub mod codec;
 pub mod network;
 pub mod storage;
 

@@ -1,4 +1,5 @@
-//! Peer transport, client side: openraft RPCs as JSON over HTTP/1.1 to `<peer-url>/raft/*`.
+//! Peer transport, client side: openraft RPCs over HTTP/1.1 to `<peer-url>/raft/*`, bodies in postcard
+//! ([`codec::PEER_CONTENT_TYPE`]); other peer calls (`/keel/*`) in JSON.
 //!
 //! Owns: the pooled HTTP client used for Raft RPCs and for forwarding client requests to the leader, the
 //! cluster-token header every peer request carries ([`TOKEN_HEADER`]), and mapping transport failures onto
@@ -20,7 +21,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Member, TypeConfig};
+use super::{codec, Member, TypeConfig};
 
 /// Header carrying the cluster token on every peer request.
 pub const TOKEN_HEADER: &str = "x-keel-cluster-token";
@@ -67,6 +68,39 @@ pub enum TransportError {
     },
 }
 
+/// How a peer request body (and its answer) is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `application/json`: the `/keel/*` endpoints.
+    Json,
+    /// [`codec::PEER_CONTENT_TYPE`]: openraft's RPCs.
+    Postcard,
+}
+
+impl Encoding {
+    /// The `content-type` header value.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Json => "application/json",
+            Encoding::Postcard => codec::PEER_CONTENT_TYPE,
+        }
+    }
+    /// Encode a body in this encoding.
+    pub fn encode<T: Serialize>(self, v: &T) -> Result<Vec<u8>, String> {
+        match self {
+            Encoding::Json => serde_json::to_vec(v).map_err(|e| e.to_string()),
+            Encoding::Postcard => codec::encode(v),
+        }
+    }
+    /// Decode a body in this encoding.
+    pub fn decode<T: DeserializeOwned>(self, b: &[u8]) -> Result<T, String> {
+        match self {
+            Encoding::Json => serde_json::from_slice(b).map_err(|e| e.to_string()),
+            Encoding::Postcard => codec::decode(b),
+        }
+    }
+}
+
 /// POST JSON to `url` with the cluster token; decode the JSON answer.
 pub async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
     client: &HttpClient,
@@ -76,13 +110,27 @@ pub async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
     req: &Req,
     timeout: Duration,
 ) -> Result<Resp, TransportError> {
-    let body = serde_json::to_vec(req).map_err(|e| TransportError::Bad { url: url.into(), status: 0, detail: e.to_string() })?;
+    post(client, url, token, from, req, timeout, Encoding::Json).await
+}
+
+/// POST `req` to `url` in `enc` with the cluster token; decode the answer, which comes in the same encoding.
+async fn post<Req: Serialize, Resp: DeserializeOwned>(
+    client: &HttpClient,
+    url: &str,
+    token: &str,
+    from: u64,
+    req: &Req,
+    timeout: Duration,
+    enc: Encoding,
+) -> Result<Resp, TransportError> {
+    let bad = |status: u16, detail: String| TransportError::Bad { url: url.into(), status, detail };
+    let body = enc.encode(req).map_err(|e| bad(0, e))?;
     let request = hyper::Request::post(url)
         .header(TOKEN_HEADER, token)
         .header(FROM_HEADER, format!("{from:016x}"))
-        .header("content-type", "application/json")
+        .header("content-type", enc.content_type())
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| TransportError::Bad { url: url.into(), status: 0, detail: e.to_string() })?;
+        .map_err(|e| bad(0, e.to_string()))?;
     let fut = async {
         let resp = client
             .request(request)
@@ -96,13 +144,9 @@ pub async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
             .map_err(|e| TransportError::Unreachable { url: url.into(), detail: e.to_string() })?
             .to_bytes();
         if status != 200 {
-            return Err(TransportError::Bad {
-                url: url.into(),
-                status,
-                detail: String::from_utf8_lossy(&bytes).trim().to_string(),
-            });
+            return Err(bad(status, String::from_utf8_lossy(&bytes).trim().to_string()));
         }
-        serde_json::from_slice(&bytes).map_err(|e| TransportError::Bad { url: url.into(), status, detail: e.to_string() })
+        enc.decode(&bytes).map_err(|e| bad(status, e))
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
@@ -153,7 +197,7 @@ impl PeerClient {
     ) -> Result<Resp, RPCError<u64, Member, E>> {
         let url = format!("{}/raft/{path}", self.url);
         let r: Result<Result<Resp, E>, TransportError> =
-            post_json(&self.client, &url, &self.token, self.from, req, option.hard_ttl()).await;
+            post(&self.client, &url, &self.token, self.from, req, option.hard_ttl(), Encoding::Postcard).await;
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),

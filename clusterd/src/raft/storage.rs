@@ -33,7 +33,7 @@ use openraft::{
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Member, Request, Response, TypeConfig};
+use super::{codec, Member, Request, Response, TypeConfig};
 use crate::kv::Store;
 
 type StorageErr = openraft::StorageError<u64>;
@@ -324,8 +324,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         let mut expect: Option<u64> = None;
         for item in log.iter().map_err(|e| corrupt(e.to_string()))? {
             let (k, v) = item.map_err(|e| corrupt(e.to_string()))?;
-            let ent: Entry<TypeConfig> =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("log entry {}: {e}", k.value())))?;
+            let ent = codec::decode_entry(v.value()).map_err(|e| corrupt(format!("log entry {}: {e}", k.value())))?;
             if ent.log_id.index != k.value() || expect.is_some_and(|x| x != k.value()) {
                 return Err(corrupt(format!("log entry {} out of sequence", k.value())));
             }
@@ -611,7 +610,7 @@ impl LogStore {
                 if memory_from.is_some_and(|m| k.value() >= m) {
                     break;
                 }
-                out.insert(k.value(), serde_json::from_slice(v.value()).map_err(rderr)?);
+                out.insert(k.value(), codec::decode_entry(v.value()).map_err(rderr)?);
             }
         }
         out.extend(from_memory);
@@ -712,7 +711,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut r = self.shared.recent.lock().map_err(sterr)?;
             for e in entries {
-                let b = serde_json::to_vec(&e).map_err(sterr)?;
+                let b = codec::encode_entry(&e).map_err(sterr)?;
                 last = Some(e.log_id);
                 let id = e.log_id;
                 r.insert(e, b.len());
