@@ -352,7 +352,10 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
     let wshared = shared.clone();
     std::thread::Builder::new()
         .name("raft-log-writer".into())
-        .spawn(move || writer(wshared, rx, first_index))
+        .spawn(move || {
+            raise_writer_priority();
+            writer(wshared, rx, first_index)
+        })
         .map_err(|e| StorageError::Redb { path: dir.to_path_buf(), detail: format!("cannot start writer: {e}") })?;
     let (applied_tx, _) = tokio::sync::watch::channel(index);
     Ok((
@@ -447,6 +450,20 @@ impl Recent {
 /// leader, so the stored one may lag; writing it with every commit added a second transaction (and its
 /// pages to the next fsync) to every write on every member.
 const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Nice value of the log writer thread. Every write waits on this thread's commits, and on a busy machine
+/// the thread otherwise waits behind request handling for a core after each fsync (3 members + wrk on 2 cores,
+/// 64 connections, interleaved runs: +3–10 % PUT throughput, p99 unchanged; 1 connection +3–7 %; −20 gave no more).
+/// Like etcd's advice to give its WAL disk priority (`ionice`), but for the CPU.
+const WRITER_NICE: i32 = -10;
+
+/// Lower the calling thread's nice value to [`WRITER_NICE`]; without `CAP_SYS_NICE` it stays as it is.
+fn raise_writer_priority() {
+    // PRIO_PROCESS with a thread id applies to that thread only (Linux).
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), WRITER_NICE) {
+        tracing::debug!("log writer keeps its default priority (nice {WRITER_NICE} refused: {e})");
+    }
+}
 
 /// The single log writer: drain the queue, one transaction, commit, then acknowledge everything in it.
 fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
