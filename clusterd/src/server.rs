@@ -219,7 +219,7 @@ async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pendin
         tokio::spawn(async move {
             let (reqs, txs): (Vec<RaftRequest>, Vec<_>) = batch.into_iter().unzip();
             let single = reqs.len() == 1;
-            let req = if single { reqs.into_iter().next().unwrap_or(RaftRequest::Batch(Vec::new())) } else { RaftRequest::Batch(reqs) };
+            let req = if single { reqs.into_iter().next().unwrap_or(RaftRequest::Batch(Vec::new().into())) } else { RaftRequest::Batch(reqs.into()) };
             let r = tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(req)).await;
             drop(permit);
             let r: Result<RaftResponse, ProposeError> = match r {

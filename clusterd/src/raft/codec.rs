@@ -87,7 +87,7 @@ mod tests {
                     Request::Kv { op, now: -5 },
                     Request::Expire { now: 9 },
                     Request::Attrs { id: 7, name: "a".into(), client_urls: vec!["http://x".into()] },
-                ])),
+                ].into())),
             },
         ]
     }

@@ -55,7 +55,9 @@ pub enum Request {
     },
     /// Several concurrent proposals in one log entry (group commit above openraft, which flushes its log
     /// once per entry); applied in order, each with its own store index.
-    Batch(Vec<Request>),
+    /// Shared, so that the copies openraft takes of an entry (for each replication stream, for applying) do not copy
+    /// every value in it.
+    Batch(std::sync::Arc<[Request]>),
 }
 
 /// The result of applying a [`Request`].

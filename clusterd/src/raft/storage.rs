@@ -526,9 +526,18 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
             w.set_durability(if needs_sync { Durability::Immediate } else { Durability::None });
             {
                 let mut log = w.open_table(LOG).map_err(|e| e.to_string())?;
-                let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+                // Most transactions only append: open the meta table only when something goes there.
+                let needs_meta = write_committed.is_some()
+                    || batch.iter().any(|op| matches!(op, Op::Vote { .. } | Op::Purge { .. }));
+                let mut meta = if needs_meta { Some(w.open_table(META).map_err(|e| e.to_string())?) } else { None };
+                let mut meta_insert = |k: &str, v: &[u8]| -> Result<(), String> {
+                    match meta.as_mut() {
+                        Some(m) => m.insert(k, v).map(|_| ()).map_err(|e| e.to_string()),
+                        None => Err("meta table not open".into()),
+                    }
+                };
                 if let Some(bytes) = &write_committed {
-                    meta.insert("committed", bytes.as_slice()).map_err(|e| e.to_string())?;
+                    meta_insert("committed", bytes.as_slice())?;
                 }
                 for op in &batch {
                     match op {
@@ -537,16 +546,12 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
                                 log.insert(id.index, b.as_slice()).map_err(|e| e.to_string())?;
                             }
                         }
-                        Op::Vote { bytes, .. } => {
-                            meta.insert("vote", bytes.as_slice()).map_err(|e| e.to_string())?;
-                        }
+                        Op::Vote { bytes, .. } => meta_insert("vote", bytes.as_slice())?,
                         Op::Committed { .. } => {}
                         Op::Truncate { from, .. } => {
                             log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
                         }
-                        Op::Purge { bytes, .. } => {
-                            meta.insert("last_purged", bytes.as_slice()).map_err(|e| e.to_string())?;
-                        }
+                        Op::Purge { bytes, .. } => meta_insert("last_purged", bytes.as_slice())?,
                     }
                 }
                 if let Some(to) = drop_to {
@@ -814,15 +819,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
-fn apply_request(d: &mut SmData, req: Request) -> Response {
+fn apply_request(d: &mut SmData, req: &Request) -> Response {
     match req {
-        Request::Kv { op, now } => Response::Kv(d.store.apply(&op, now)),
-        Request::Expire { now } => Response::Expired(d.store.expire(now).len()),
+        Request::Kv { op, now } => Response::Kv(d.store.apply(op, *now)),
+        Request::Expire { now } => Response::Expired(d.store.expire(*now).len()),
         Request::Attrs { id, name, client_urls } => {
-            d.attrs.insert(id, (name, client_urls));
+            d.attrs.insert(*id, (name.clone(), client_urls.clone()));
             Response::Done
         }
-        Request::Batch(reqs) => Response::Batch(reqs.into_iter().map(|r| apply_request(d, r)).collect()),
+        Request::Batch(reqs) => Response::Batch(reqs.iter().map(|r| apply_request(d, r)).collect()),
     }
 }
 
@@ -851,7 +856,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         d.last_membership = StoredMembership::new(Some(e.log_id), m);
                         Response::Done
                     }
-                    EntryPayload::Normal(req) => apply_request(&mut d, req),
+                    EntryPayload::Normal(req) => apply_request(&mut d, &req),
                 };
                 out.push(r);
             }
