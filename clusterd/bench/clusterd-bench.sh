@@ -126,14 +126,18 @@ connections (\`perf\` on a frame-pointer build); entries are about half the size
 replaced file in place instead of removing and re-inserting it in its directory's map, and builds key paths for
 error messages only on error (applying was ≈ 11 % of the cluster's CPU, with three path walks per \`set\` each
 allocating a \`String\` per component). **Response headers** from static names instead of parsing every name and
-value per request. Together, clusterd CPU per PUT at 64 connections (the three members' CPU time over requests
+value per request. **The log writer thread runs at nice −10**: every write waits on its commits, and on a busy
+machine it otherwise waits for a core after each fsync (+3–10 % at 64 connections, +3–7 % at 1; −20 gave no more).
+Sharing a batch's requests between openraft's copies of an entry (an \`Arc\`) and opening the meta table only when
+it is written made no difference measurable here. Together, clusterd CPU per PUT at 64 connections (the three members' CPU time over requests
 served, interleaved 8 s runs) went from 38–42 µs to 31–33 µs, and throughput rose ≈ 10–15 %; etcd needs 82–88 µs.
 Retested and still dropped: 2 batches in flight (−5 to −12 %), \`TOKIO_WORKER_THREADS=1\` (no difference beyond
 noise at 64), no snapshots during the run (−10 %: a growing file costs more per fsync than compaction). At 64
 connections the members use ≈ 1.2 of the 2 cores; what bounds throughput is the batch cycle (the leader's commit,
 then a follower's: ≈ 430 µs of a ≈ 830 µs cycle) and the disk: an 8 s run wrote 1.1 GB, ≈ 3.6 KB per 256-byte PUT
 over three members, ≈ 38 KB and 7 write IOs per redb commit, because every commit copies the B-tree path, the
-table tree and the freed-page tree. With 1 connection nothing changed (see below).
+table tree and the freed-page tree. With 1 connection ≈ +10 % (2,050 → 2,250 req/s, p50 440 → 404 µs), still 0.6× etcd (see below); openraft
+0.10, which would let the leader's commit overlap the follower's, is still an alpha on crates.io (0.10.0-alpha.37).
 
 Third pass (why clusterd was where it was before the fourth). **jemalloc** is the \`clusterd\` binary's allocator:
 glibc's malloc/free (with its chunk consolidation) took ≈ 20 % of every member's CPU at 64 connections; interleaved
