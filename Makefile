@@ -7,6 +7,7 @@
 
 SHELL        := /bin/bash
 CARGO        ?= cargo
+TEST_TIMEOUT ?= 50m
 TARGET       := x86_64-unknown-linux-gnu
 RELEASE_DIR  := target/$(TARGET)/release
 DEB_PKGS     := $(sort $(shell cat */debian-packages.txt 2>/dev/null | sed 's/\#.*//'))
@@ -40,7 +41,9 @@ build: deps
 # Every test: unit tests, host integration tests (real processes in namespaces and cgroups, real clusters on
 # loopback, real clients), and the QEMU tests (the tests build the image themselves). QEMU must be present.
 test: build
-	KEEL_REQUIRE_QEMU=1 $(CARGO) test --release --workspace -- --test-threads=2
+	@# A hung test must fail the run, not hold CI until its own limit: the suite takes ≈ 20 min here.
+	KEEL_REQUIRE_QEMU=1 timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --release --workspace -- --test-threads=2 \
+	  || { rc=$$?; [ $$rc -ne 124 ] || echo "make test: stopped after $(TEST_TIMEOUT); a test hung (the last 'Running' line above names its suite)"; exit $$rc; }
 
 # Everything but the QEMU tests.
 test-fast: build
