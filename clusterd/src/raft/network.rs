@@ -172,6 +172,9 @@ pub struct PeerClient {
     from: u64,
     target: u64,
     url: String,
+    /// The peer could not read postcard (a clusterd from before the binary peer encoding, during a rolling
+    /// upgrade): talk JSON to it from now on.
+    json_only: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -184,20 +187,30 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             from: self.from,
             target,
             url: node.peer_url.trim_end_matches('/').to_string(),
+            json_only: false,
         }
     }
 }
 
 impl PeerClient {
     async fn rpc<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
-        &self,
+        &mut self,
         path: &str,
         req: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<u64, Member, E>> {
         let url = format!("{}/raft/{path}", self.url);
-        let r: Result<Result<Resp, E>, TransportError> =
-            post(&self.client, &url, &self.token, self.from, req, option.hard_ttl(), Encoding::Postcard).await;
+        let enc = if self.json_only { Encoding::Json } else { Encoding::Postcard };
+        let mut r: Result<Result<Resp, E>, TransportError> =
+            post(&self.client, &url, &self.token, self.from, req, option.hard_ttl(), enc).await;
+        if enc == Encoding::Postcard && is_decode_refusal(&r) {
+            tracing::warn!(
+                "peer {} cannot read the binary peer encoding (an older clusterd); using JSON with it until it is upgraded",
+                self.url
+            );
+            self.json_only = true;
+            r = post(&self.client, &url, &self.token, self.from, req, option.hard_ttl(), Encoding::Json).await;
+        }
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
@@ -205,6 +218,11 @@ impl PeerClient {
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
+}
+
+/// A peer's `400 {"message":"decode: …"}`: it read the body as JSON and could not.
+fn is_decode_refusal<T>(r: &Result<T, TransportError>) -> bool {
+    matches!(r, Err(TransportError::Bad { status: 400, detail, .. }) if detail.contains("\"decode: "))
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -230,5 +248,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
         self.rpc("vote", &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(status: u16, detail: &str) -> Result<(), TransportError> {
+        Err(TransportError::Bad { url: "http://p/raft/append".into(), status, detail: detail.into() })
+    }
+
+    #[test]
+    fn only_a_peers_decode_refusal_switches_it_to_json() {
+        // What a clusterd from before the binary encoding answers to a postcard body.
+        assert!(is_decode_refusal(&bad(400, r#"{"message":"decode: expected value at line 1 column 1"}"#)));
+        assert!(!is_decode_refusal(&bad(403, r#"{"message":"wrong or missing cluster token; …"}"#)));
+        assert!(!is_decode_refusal(&bad(500, r#"{"message":"encode: …"}"#)));
+        assert!(!is_decode_refusal(&bad(400, r#"{"message":"reading body: length limit exceeded"}"#)));
+        assert!(!is_decode_refusal(&Ok(())));
     }
 }
