@@ -100,6 +100,11 @@ measure get-64 64 "$HERE/get.lua" "$WORK/getq.lua"
 
 row() { set -- $2; echo "| $1 | $2 | $3 | $4 |"; }
 ratio() { awk -v a="$(echo "${R[$1]}" | cut -d' ' -f1)" -v b="$(echo "${R[$2]}" | cut -d' ' -f1)" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else print "n/a" }'; }
+# Each round's clusterd/etcd ratio (the two runs of a round are adjacent in time): "1.84, 1.84, 2.38".
+round_ratios() {
+  paste -d' ' <(echo "${R[clusterd-$1-rounds]}" | tr -d ' ' | tr ',' '\n') <(echo "${R[etcd-$1-rounds]}" | tr -d ' ' | tr ',' '\n') |
+    awk '{printf "%s%.2f", (NR>1?", ":""), ($2 > 0 ? $1/$2 : 0)}'
+}
 SECTION="$(cat <<MD
 ## clusterd
 
@@ -117,10 +122,12 @@ $(echo "| etcd PUT, 64 conns | ${R[etcd-put-64]// / | } | ${R[etcd-put-64-rounds
 $(echo "| clusterd GET, 64 conns | ${R[clusterd-get-64]// / | } | ${R[clusterd-get-64-rounds]} |")
 $(echo "| etcd GET quorum, 64 conns | ${R[etcd-get-64]// / | } | ${R[etcd-get-64-rounds]} |")
 
-clusterd / etcd throughput: PUT 1 conn $(ratio clusterd-put-1 etcd-put-1), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64),
-GET 64 conns $(ratio clusterd-get-64 etcd-get-64). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
+clusterd / etcd throughput (median over median; each round's own ratio in brackets): PUT 1 conn $(ratio clusterd-put-1 etcd-put-1)
+($(round_ratios put-1)), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64) ($(round_ratios put-64)), GET 64 conns
+$(ratio clusterd-get-64 etcd-get-64) ($(round_ratios get-64)). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
 
-Fourth pass (2026-11-22). **postcard instead of JSON** for the Raft log entries in \`clusterd.redb\` and for
+Fourth pass (2026-11-22). Where it left PUT at 64 connections: on the 2× line, not reliably above it (two runs of
+the final build: 1.92× and 2.02× median over median, single rounds 1.84–2.38×; before this pass 1.68×). **postcard instead of JSON** for the Raft log entries in \`clusterd.redb\` and for
 openraft's peer RPC bodies: JSON's string escaping and parsing were ≈ 9 % of the three members' CPU at 64
 connections (\`perf\` on a frame-pointer build); entries are about half the size. **The keys store** overwrites a
 replaced file in place instead of removing and re-inserting it in its directory's map, and builds key paths for
@@ -129,14 +136,16 @@ allocating a \`String\` per component). **Response headers** from static names i
 value per request. **The log writer thread runs at nice −10**: every write waits on its commits, and on a busy
 machine it otherwise waits for a core after each fsync (+3–10 % at 64 connections, +3–7 % at 1; −20 gave no more).
 Sharing a batch's requests between openraft's copies of an entry (an \`Arc\`) and opening the meta table only when
-it is written made no difference measurable here. Together, clusterd CPU per PUT at 64 connections (the three members' CPU time over requests
+it is written made no difference measurable here. A proposal made while nothing is in flight goes to openraft
+from the request's own task instead of through the batcher (two task hops fewer: +2–6 % with 1 connection,
+unchanged at 64). Together, clusterd CPU per PUT at 64 connections (the three members' CPU time over requests
 served, interleaved 8 s runs) went from 38–42 µs to 31–33 µs, and throughput rose ≈ 10–15 %; etcd needs 82–88 µs.
 Retested and still dropped: 2 batches in flight (−5 to −12 %), \`TOKIO_WORKER_THREADS=1\` (no difference beyond
 noise at 64), no snapshots during the run (−10 %: a growing file costs more per fsync than compaction). At 64
 connections the members use ≈ 1.2 of the 2 cores; what bounds throughput is the batch cycle (the leader's commit,
 then a follower's: ≈ 430 µs of a ≈ 830 µs cycle) and the disk: an 8 s run wrote 1.1 GB, ≈ 3.6 KB per 256-byte PUT
 over three members, ≈ 38 KB and 7 write IOs per redb commit, because every commit copies the B-tree path, the
-table tree and the freed-page tree. With 1 connection ≈ +10 % (2,050 → 2,250 req/s, p50 440 → 404 µs), still 0.6× etcd (see below); openraft
+table tree and the freed-page tree. With 1 connection ≈ +10 % (2,050 → 2,150–2,300 req/s, p50 440 → 404–424 µs), still 0.6× etcd (see below); openraft
 0.10, which would let the leader's commit overlap the follower's, is still an alpha on crates.io (0.10.0-alpha.37).
 
 Third pass (why clusterd was where it was before the fourth). **jemalloc** is the \`clusterd\` binary's allocator:
