@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, Body};
 use crate::kv::error::code;
 use crate::kv::{EtcdError, KvOp, WriteOk};
-use crate::raft::network::{http_client, post_json, Encoding, HttpClient, Network, FROM_HEADER, TOKEN_HEADER};
+use crate::raft::network::{http_client, post, Encoding, HttpClient, Network, FROM_HEADER, TOKEN_HEADER};
 use crate::raft::storage::{self, StateMachine, StorageMetrics};
 use crate::raft::{codec, member_id, Member, Raft, Request as RaftRequest, Response as RaftResponse};
 
@@ -541,9 +541,13 @@ impl Ctx {
 }
 
 fn simple(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    reply(status, "application/json", body)
+}
+
+fn reply(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .body(Full::new(body.into()).boxed())
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
@@ -573,13 +577,8 @@ async fn peer_handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body
         _ => Encoding::Json,
     };
     fn answer<T: serde::Serialize>(enc: Encoding, v: &T) -> Response<Body> {
-        let ct = enc.content_type();
         match enc.encode(v) {
-            Ok(b) => Response::builder()
-                .status(200)
-                .header("content-type", ct)
-                .body(Full::new(Bytes::from(b)).boxed())
-                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())),
+            Ok(b) => reply(200, enc.content_type(), b),
             Err(e) => simple(500, format!("{{\"message\":\"encode: {e}\"}}\n")),
         }
     }
@@ -685,7 +684,7 @@ async fn publish_attrs(ctx: Arc<Ctx>) {
                 if let Some(url) = ctx.leader_peer_url_if_remote().await {
                     let url = format!("{url}/keel/propose");
                     let _: Result<Result<RaftResponse, String>, _> =
-                        post_json(&ctx.client, &url, &ctx.token, ctx.id, &req, Duration::from_secs(5)).await;
+                        post(&ctx.client, &url, &ctx.token, ctx.id, &req, Duration::from_secs(5), Encoding::Json).await;
                 }
             }
             None => {}
@@ -815,7 +814,7 @@ impl Running {
         let Some(target) = best else { return };
         let Some(node) = m.membership_config.membership().get_node(&target).cloned() else { return };
         let url = format!("{}/keel/elect", node.peer_url);
-        let _: Result<Result<(), String>, _> = post_json(&ctx.client, &url, &ctx.token, ctx.id, &(), Duration::from_secs(2)).await;
+        let _: Result<Result<(), String>, _> = post(&ctx.client, &url, &ctx.token, ctx.id, &(), Duration::from_secs(2), Encoding::Json).await;
         let _ = ctx
             .raft
             .wait(Some(Duration::from_secs(3)))

@@ -101,20 +101,8 @@ impl Encoding {
     }
 }
 
-/// POST JSON to `url` with the cluster token; decode the JSON answer.
-pub async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
-    client: &HttpClient,
-    url: &str,
-    token: &str,
-    from: u64,
-    req: &Req,
-    timeout: Duration,
-) -> Result<Resp, TransportError> {
-    post(client, url, token, from, req, timeout, Encoding::Json).await
-}
-
 /// POST `req` to `url` in `enc` with the cluster token; decode the answer, which comes in the same encoding.
-async fn post<Req: Serialize, Resp: DeserializeOwned>(
+pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
     client: &HttpClient,
     url: &str,
     token: &str,

@@ -526,15 +526,14 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
             w.set_durability(if needs_sync { Durability::Immediate } else { Durability::None });
             {
                 let mut log = w.open_table(LOG).map_err(|e| e.to_string())?;
-                // Most transactions only append: open the meta table only when something goes there.
-                let needs_meta = write_committed.is_some()
-                    || batch.iter().any(|op| matches!(op, Op::Vote { .. } | Op::Purge { .. }));
-                let mut meta = if needs_meta { Some(w.open_table(META).map_err(|e| e.to_string())?) } else { None };
+                // Most transactions only append: the meta table is opened on its first write.
+                let mut meta = None;
                 let mut meta_insert = |k: &str, v: &[u8]| -> Result<(), String> {
-                    match meta.as_mut() {
-                        Some(m) => m.insert(k, v).map(|_| ()).map_err(|e| e.to_string()),
-                        None => Err("meta table not open".into()),
-                    }
+                    let m = match &mut meta {
+                        Some(m) => m,
+                        None => meta.insert(w.open_table(META).map_err(|e| e.to_string())?),
+                    };
+                    m.insert(k, v).map(|_| ()).map_err(|e| e.to_string())
                 };
                 if let Some(bytes) = &write_committed {
                     meta_insert("committed", bytes.as_slice())?;
