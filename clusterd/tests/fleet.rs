@@ -4,6 +4,9 @@
 //! from each machine's init. Waits are conditions with deadlines; figures are printed, not asserted.
 //! Clusters are created one test at a time (a lock) so timings are not skewed by each other.
 
+#[path = "common/ports.rs"]
+mod ports;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 use keel_clusterd::fleet::init_client::InitClient;
 use keel_clusterd::fleet::registry::{Kv, Snapshot};
 use keel_model::fleet::{self as contract, DesiredState, UnitRecord};
+use ports::free_port;
 
 const CLUSTERD: &str = env!("CARGO_BIN_EXE_clusterd");
 const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
@@ -43,9 +47,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("addr").port()
-}
 
 fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")

@@ -6,6 +6,8 @@
 //! keel-clusterd` first (`make test` builds every binary before testing).
 
 mod common;
+#[path = "../../clusterd/tests/common/ports.rs"]
+mod ports;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,6 +19,7 @@ use common::*;
 use keel_model::lock::Semaphore;
 use keel_updater::reboot::kv::Kv;
 use keel_updater::reboot::lock::{LockClient, LockClientError};
+use ports::free_port;
 use serde_json::{json, Value};
 
 const LOCKSMITHCTL: &str = env!("CARGO_BIN_EXE_locksmithctl");
@@ -37,13 +40,6 @@ fn clusterd_bin() -> PathBuf {
     bin
 }
 
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .expect("bind ephemeral port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 struct Cluster {
     children: Vec<Child>,

@@ -30,11 +30,8 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
-/// A free TCP port on `ip`.
-pub fn free_port(ip: &str) -> u16 {
-    let l = TcpListener::bind((ip, 0)).expect("bind ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
+mod ports;
+pub use ports::{bind_unused, free_port};
 
 /// Shared partition state: blocked (from member id, to member index) pairs and live connections.
 #[derive(Default)]
@@ -161,7 +158,7 @@ impl Cluster {
             let pp = free_port(&ip);
             let peer_listen = format!("{ip}:{pp}");
             let peer_url = if with_proxy {
-                let l = TcpListener::bind((ip.as_str(), 0)).expect("bind proxy");
+                let l = bind_unused(&ip);
                 let url = format!("http://{}", l.local_addr().expect("addr"));
                 let (f, s, t) = (faults.clone(), stop.clone(), peer_listen.clone());
                 std::thread::spawn(move || proxy(l, i, t, f, s));
