@@ -377,7 +377,7 @@ impl Ctx {
     pub async fn propose_kv(&self, op: KvOp) -> Result<Result<WriteOk, EtcdError>, ProposeError> {
         let now = crate::kv::time::now_nanos();
         match self.propose(RaftRequest::Kv { op, now }).await? {
-            RaftResponse::Kv(r) => Ok(r),
+            RaftResponse::Kv(r) => Ok(*r),
             other => Err(ProposeError::Fatal(format!("unexpected response {other:?}"))),
         }
     }

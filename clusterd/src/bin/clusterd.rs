@@ -216,7 +216,7 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let detail = String::from_utf8_lossy(&out.stderr);
-    let detail = detail.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("the storage engine aborted").trim().to_string();
+    let detail = detail.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("the storage engine aborted").trim().to_string();
     // The check names the damaged file itself (clusterd.redb or snapshot.redb) when it gets that far.
     if detail.starts_with("store ") {
         anyhow::bail!("{detail}");

@@ -63,8 +63,9 @@ pub enum Request {
 /// The result of applying a [`Request`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Response {
-    /// Result of a keys write.
-    Kv(Result<WriteOk, EtcdError>),
+    /// Result of a keys write (boxed: it is many times the size of the other variants, and responses are
+    /// moved through openraft's channels).
+    Kv(Box<Result<WriteOk, EtcdError>>),
     /// Number of keys expired.
     Expired(usize),
     /// Nothing to report (blank entries, membership, attrs).

@@ -604,6 +604,7 @@ impl LogStore {
         rx.await.map_err(|_| sterr("log writer stopped"))?.map_err(sterr)
     }
 
+    #[allow(clippy::result_large_err, reason = "openraft's StorageError, passed through to its storage traits unchanged")]
     fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry<TypeConfig>>, StorageErr> {
         let range: (Bound<u64>, Bound<u64>) = (Bound::Included(start), end.map(Bound::Excluded).unwrap_or(Bound::Unbounded));
         // The usual case (replication of what was just appended): everything is in memory.
@@ -641,16 +642,7 @@ impl LogStore {
 
 /// The entries from `start` on, up to the first gap.
 fn contiguous(start: u64, m: BTreeMap<u64, Entry<TypeConfig>>) -> Vec<Entry<TypeConfig>> {
-    let mut v = Vec::with_capacity(m.len());
-    let mut expect = start;
-    for (k, e) in m {
-        if k != expect {
-            break;
-        }
-        expect += 1;
-        v.push(e);
-    }
-    v
+    m.into_iter().zip(start..).take_while(|((k, _), want)| k == want).map(|((_, e), _)| e).collect()
 }
 
 fn bounds(r: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
@@ -772,7 +764,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.call(|done| Op::Purge { upto, bytes, done }).await?;
         *self.shared.last_purged.lock().map_err(sterr)? = Some(log_id);
         let mut last = self.shared.last_log.lock().map_err(sterr)?;
-        if last.map_or(true, |l| l.index < log_id.index) {
+        if last.is_none_or(|l| l.index < log_id.index) {
             *last = Some(log_id);
         }
         Ok(())
@@ -780,6 +772,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl StateMachine {
+    #[allow(clippy::result_large_err, reason = "openraft's StorageError, passed through to its storage traits unchanged")]
     fn persist_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageErr> {
         let shared = self.shared.clone();
         tokio::task::block_in_place(move || write_snapshot(&shared.snap_db, snap)).map_err(sterr)
@@ -820,7 +813,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
 fn apply_request(d: &mut SmData, req: &Request) -> Response {
     match req {
-        Request::Kv { op, now } => Response::Kv(d.store.apply(op, *now)),
+        Request::Kv { op, now } => Response::Kv(Box::new(d.store.apply(op, *now))),
         Request::Expire { now } => Response::Expired(d.store.expire(*now).len()),
         Request::Attrs { id, name, client_urls } => {
             d.attrs.insert(*id, (name.clone(), client_urls.clone()));

@@ -287,6 +287,9 @@ fn wanted_by(unit_text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `NAME=value` lines of one env file.
+type EnvPairs = Vec<(String, String)>;
+
 /// `/run/keel/config/cloud-config.json` (everything, for components) and one env file per `keel:` section
 /// (`clusterd.env`: `NAME=node1`, `INITIAL_CLUSTER=…`) for units to load with `EnvironmentFile=`.
 fn write_component_config(r: &mut Report, root: &Path, cfg: &CloudConfig) {
@@ -294,7 +297,7 @@ fn write_component_config(r: &mut Report, root: &Path, cfg: &CloudConfig) {
     if let Ok(json) = serde_json::to_vec_pretty(cfg) {
         write_if_changed(r, &dir.join("cloud-config.json"), &json, 0o600);
     }
-    let sections: [(&str, Option<Vec<(String, String)>>); 4] = [
+    let sections: [(&str, Option<EnvPairs>); 4] = [
         ("clusterd", cfg.keel.clusterd.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())),
         ("fleet", cfg.keel.fleet.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())),
         ("update", cfg.keel.update.as_ref().map(yaml_scalars)),
