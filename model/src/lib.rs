@@ -5,13 +5,15 @@
 //! templates (`load`), plus the shared value syntax (`values`: booleans, quoting, sizes) and fleet's KV
 //! contract (`fleet`: key layout, records, `drain_progress`). Everything here is pure or read-only on the
 //! filesystem. `lock` holds the cluster reboot lock's semaphore (locksmith's JSON value,
-//! pure lock/unlock/set-max), shared by the updater's reboot manager and clusterd's FleetLock endpoints.
+//! pure lock/unlock/set-max), shared by the updater's reboot manager and clusterd's FleetLock endpoints;
+//! `kmod` reads a kernel's module index and orders module loads, shared by mkimage and init's initrd mode.
 //! Does not: start processes, touch cgroups, or interpret `[Container]` / `[X-Fleet]` beyond keeping their raw
 //! keys (those belong to init's runtime and clusterd's scheduler).
 
 pub mod duration;
 pub mod fleet;
 pub mod ini;
+pub mod kmod;
 pub mod load;
 pub mod lock;
 pub mod name;

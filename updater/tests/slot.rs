@@ -12,6 +12,36 @@ fn esp(dir: &std::path::Path) -> std::path::PathBuf {
     esp
 }
 
+/// A disk and ESP with 1.0.0 on USR-A (running) and 1.1.0 just installed on USR-B. The temp dir lives as long
+/// as the fixture.
+struct Installed {
+    _dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    esp: std::path::PathBuf,
+    slots: Slots,
+}
+
+fn installed_b() -> Installed {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = make_disk(dir.path());
+    let esp = esp(dir.path());
+    let slots = Slots::new(&disk, &esp);
+    std::fs::write(slots.staging_path(), b"uki b").expect("stage");
+    slots.install(Slot::B, "1.1.0", &slots.staging_path()).expect("install");
+    Installed { _dir: dir, disk, esp, slots }
+}
+
+impl Installed {
+    /// What systemd-boot does when it boots B: count one try down (`+1-0` → `+0-1`).
+    fn boot_b_once(&self) {
+        std::fs::rename(
+            self.esp.join("EFI/Linux/keel-1.1.0-usr-b+1-0.efi"),
+            self.esp.join("EFI/Linux/keel-1.1.0-usr-b+0-1.efi"),
+        )
+        .expect("simulate boot");
+    }
+}
+
 #[test]
 fn reads_the_bits_sgdisk_set() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -89,20 +119,9 @@ fn install_writes_both_gpt_copies_and_a_counted_kernel_name() {
 
 #[test]
 fn bless_removes_counter_and_sets_successful() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = make_disk(dir.path());
-    let esp = esp(dir.path());
-    let slots = Slots::new(&disk, &esp);
-    std::fs::write(slots.staging_path(), b"uki b").expect("stage");
-    slots
-        .install(Slot::B, "1.1.0", &slots.staging_path())
-        .expect("install");
-    // systemd-boot counted one try.
-    std::fs::rename(
-        esp.join("EFI/Linux/keel-1.1.0-usr-b+1-0.efi"),
-        esp.join("EFI/Linux/keel-1.1.0-usr-b+0-1.efi"),
-    )
-    .expect("simulate boot");
+    let f = installed_b();
+    let (disk, esp, slots) = (&f.disk, &f.esp, &f.slots);
+    f.boot_b_once();
     slots.bless(Slot::B).expect("bless");
     assert!(
         esp.join("EFI/Linux/keel-1.1.0-usr-b.efi").exists(),
@@ -116,19 +135,13 @@ fn bless_removes_counter_and_sets_successful() {
             successful: true
         }
     );
-    sgdisk_verify_clean(&disk);
+    sgdisk_verify_clean(disk);
 }
 
 #[test]
 fn rollback_switches_slots_without_network() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = make_disk(dir.path());
-    let esp = esp(dir.path());
-    let slots = Slots::new(&disk, &esp);
-    std::fs::write(slots.staging_path(), b"uki b").expect("stage");
-    slots
-        .install(Slot::B, "1.1.0", &slots.staging_path())
-        .expect("install");
+    let f = installed_b();
+    let (disk, esp, slots) = (&f.disk, &f.esp, &f.slots);
     slots.bless(Slot::B).expect("bless");
     // Running B, roll back to A.
     assert_eq!(slots.rollback(Slot::B).expect("rollback"), Slot::A);
@@ -140,7 +153,7 @@ fn rollback_switches_slots_without_network() {
     );
     assert!(esp.join("EFI/Linux/keel-1.0.0-usr-a.efi").exists());
     assert_eq!(slots.detect_active("", "").expect("active"), Slot::A);
-    sgdisk_verify_clean(&disk);
+    sgdisk_verify_clean(disk);
     // A cleared slot cannot be a rollback target.
     slots.clear(Slot::B).expect("clear");
     assert!(
@@ -151,20 +164,10 @@ fn rollback_switches_slots_without_network() {
 
 #[test]
 fn failed_update_is_detected_after_fallback() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = make_disk(dir.path());
-    let esp = esp(dir.path());
-    let slots = Slots::new(&disk, &esp);
-    std::fs::write(slots.staging_path(), b"uki b").expect("stage");
-    slots
-        .install(Slot::B, "1.1.0", &slots.staging_path())
-        .expect("install");
+    let f = installed_b();
+    let slots = &f.slots;
     // The boot of B never got blessed; systemd-boot counted it down and fell back to A.
-    std::fs::rename(
-        esp.join("EFI/Linux/keel-1.1.0-usr-b+1-0.efi"),
-        esp.join("EFI/Linux/keel-1.1.0-usr-b+0-1.efi"),
-    )
-    .expect("simulate boot");
+    f.boot_b_once();
     assert_eq!(
         slots.detect_failed_update(Slot::A).expect("detect"),
         Some("1.1.0".to_string())

@@ -211,8 +211,13 @@ fn readd_hint(path: &Path) -> String {
     )
 }
 
-/// Open (or create) a redb file, integrity-check it if it existed, and make sure `tables` exist.
-fn open_db(path: &Path, tables: &[TableDefinition<&str, &[u8]>], log: bool) -> Result<(Database, bool), StorageError> {
+/// Open (or create) a redb file, integrity-check it if it existed, and make sure its tables exist (`named`:
+/// keyed by name, `indexed`: keyed by log index).
+fn open_db(
+    path: &Path,
+    named: &[TableDefinition<&str, &[u8]>],
+    indexed: &[TableDefinition<u64, &[u8]>],
+) -> Result<Database, StorageError> {
     let corrupt = |detail: String| StorageError::Corrupt { path: path.to_path_buf(), detail };
     let existed = path.exists();
     if existed && std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
@@ -228,14 +233,14 @@ fn open_db(path: &Path, tables: &[TableDefinition<&str, &[u8]>], log: bool) -> R
     }
     let mut w = db.begin_write().map_err(|e| corrupt(e.to_string()))?;
     w.set_durability(Durability::Immediate);
-    for t in tables {
+    for t in named {
         w.open_table(*t).map_err(|e| corrupt(e.to_string()))?;
     }
-    if log {
-        w.open_table(LOG).map_err(|e| corrupt(e.to_string()))?;
+    for t in indexed {
+        w.open_table(*t).map_err(|e| corrupt(e.to_string()))?;
     }
     w.commit().map_err(|e| corrupt(e.to_string()))?;
-    Ok((db, existed))
+    Ok(db)
 }
 
 /// Read the snapshot of `snapshot.redb`, or (stores from before that file) the one in clusterd.redb's `meta`.
@@ -256,6 +261,29 @@ fn read_snapshot(snap_db: &Database, snap_path: &Path, db: &Database, path: &Pat
     let t = r.open_table(META).map_err(|e| corrupt(path, e.to_string()))?;
     let Some(v) = t.get("snapshot").map_err(|e| corrupt(path, e.to_string()))? else { return Ok(None) };
     serde_json::from_slice(v.value()).map(Some).map_err(|e| corrupt(path, format!("snapshot: {e}")))
+}
+
+/// Stores from before snapshot.redb kept the snapshot under `meta`/`snapshot` in clusterd.redb. Once
+/// snapshot.redb holds one, that old copy is never read again: drop it (it can be megabytes). True if it was there.
+fn drop_legacy_snapshot(db: &Database, path: &Path, snap_db: &Database, snap_path: &Path) -> Result<bool, StorageError> {
+    let corrupt = |p: &Path, detail: String| StorageError::Corrupt { path: p.to_path_buf(), detail };
+    let has_new = {
+        let r = snap_db.begin_read().map_err(|e| corrupt(snap_path, e.to_string()))?;
+        let t = r.open_table(SNAP).map_err(|e| corrupt(snap_path, e.to_string()))?;
+        t.get("meta").map_err(|e| corrupt(snap_path, e.to_string()))?.is_some()
+    };
+    if !has_new {
+        return Ok(false);
+    }
+    let mut w = db.begin_write().map_err(|e| corrupt(path, e.to_string()))?;
+    w.set_durability(Durability::Immediate);
+    let removed = {
+        let mut meta = w.open_table(META).map_err(|e| corrupt(path, e.to_string()))?;
+        let old = meta.remove("snapshot").map_err(|e| corrupt(path, e.to_string()))?;
+        old.is_some()
+    };
+    w.commit().map_err(|e| corrupt(path, e.to_string()))?;
+    Ok(removed)
 }
 
 /// Write `snap` to `snapshot.redb` in one durable transaction.
@@ -283,8 +311,8 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
     if !path.exists() && snap_path.exists() {
         return Err(corrupt("the file is missing but snapshot.redb is there: this member's Raft log and vote are gone".into()));
     }
-    let (db, _) = open_db(&path, &[META], true)?;
-    let (snap_db, _) = open_db(&snap_path, &[SNAP], false)?;
+    let db = open_db(&path, &[META], &[LOG])?;
+    let snap_db = open_db(&snap_path, &[SNAP], &[])?;
     // Decode everything once: a damaged record means we refuse to start.
     let first_index;
     let (last_purged, last_log, snapshot) = {
@@ -333,6 +361,9 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         }
         (last_purged, last_log, snapshot)
     };
+    if drop_legacy_snapshot(&db, &path, &snap_db, &snap_path)? {
+        tracing::info!("dropped the old copy of the snapshot from {} (snapshot.redb holds the current one)", path.display());
+    }
     let data = match &snapshot {
         Some(s) => decode_state(&s.data).map_err(|detail| StorageError::Corrupt { path: snap_path.clone(), detail })?,
         None => SmData::default(),
@@ -932,6 +963,25 @@ mod tests {
         assert_eq!(unpack(&json).expect("plain").as_ref(), json.as_slice());
         assert_eq!(decode_state(&packed).expect("decode").attrs[&7].0, "m7");
         assert!(decode_state(&packed[..packed.len() / 2]).is_err(), "a cut snapshot must not decode");
+    }
+
+    #[test]
+    fn the_old_snapshot_copy_goes_once_snapshot_redb_has_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, snap_path) = (dir.path().join("clusterd.redb"), dir.path().join("snapshot.redb"));
+        let db = open_db(&path, &[META], &[LOG]).expect("open");
+        let snap_db = open_db(&snap_path, &[SNAP], &[]).expect("open snapshot");
+        let w = db.begin_write().expect("write");
+        w.open_table(META).expect("meta").insert("snapshot", b"{}".as_slice()).expect("insert");
+        w.commit().expect("commit");
+        // Only the old copy: it is the snapshot, so it stays.
+        assert!(!drop_legacy_snapshot(&db, &path, &snap_db, &snap_path).expect("check"));
+        let meta = SnapshotMeta::default();
+        write_snapshot(&snap_db, &StoredSnapshot { meta, data: b"{}".to_vec() }).expect("write snapshot");
+        assert!(drop_legacy_snapshot(&db, &path, &snap_db, &snap_path).expect("drop"));
+        let r = db.begin_read().expect("read");
+        assert!(r.open_table(META).expect("meta").get("snapshot").expect("get").is_none());
+        assert!(!drop_legacy_snapshot(&db, &path, &snap_db, &snap_path).expect("again"), "nothing left to drop");
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! Kernel module selection: which `.ko` files of the Debian kernel go into USR and the initramfs.
 //!
-//! Owns: reading `modules.dep`, `modules.softdep`, `modules.alias` and `modules.builtin` of a kernel's module
-//! tree and computing the closure of a wanted list in load order (soft `pre:` deps, then hard deps — the last
-//! listed dependency first, as modprobe does — then the module, then soft `post:` deps).
+//! Owns: the module lists (what USR and the initramfs get), finding the build host's kernel, and the closure
+//! of a wanted list in load order over the kernel's module index (`keel_model::kmod`, which init's initrd
+//! mode also uses to load them), where a module this kernel does not have is an error.
 //! Does not: copy files or run depmod (see `mkimage`), or load anything (init's initrd mode does that at
 //! boot, from the `modules.dep` that depmod writes for the copied subset).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+use keel_model::kmod::{module_name, ModuleIndex};
 
 use super::ImageError;
 
@@ -43,122 +44,26 @@ pub const USR_MODULES: &[&str] = &[
 /// ≈ 100 ms of boot under TCG, so it is not in by default).
 pub const INITRD_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "erofs", "ext4"];
 
-/// The parsed module database of one kernel.
-#[derive(Debug, Default)]
-pub struct ModuleDb {
-    /// module name → path relative to the module root (as in modules.dep)
-    paths: BTreeMap<String, String>,
-    /// module name → hard dependencies (module names), in modules.dep order
-    deps: BTreeMap<String, Vec<String>>,
-    /// module name → (pre, post) soft dependencies as written (names or aliases)
-    soft: BTreeMap<String, (Vec<String>, Vec<String>)>,
-    /// alias → module names
-    aliases: BTreeMap<String, Vec<String>>,
-    builtin: BTreeSet<String>,
-}
-
-/// Normalise a module file name or request: basename, no `.ko*` suffix, `-` → `_`.
-pub fn module_name(path_or_name: &str) -> String {
-    let base = path_or_name.rsplit('/').next().unwrap_or(path_or_name);
-    let stem = match base.find(".ko") {
-        Some(i) => &base[..i],
-        None => base,
-    };
-    stem.replace('-', "_")
-}
+/// The module index of the kernel an image is built from.
+#[derive(Debug)]
+pub struct ModuleDb(ModuleIndex);
 
 impl ModuleDb {
     pub fn load(root: &Path) -> Result<ModuleDb, ImageError> {
-        let read = |name: &str| -> Result<String, ImageError> {
-            let p = root.join(name);
-            std::fs::read_to_string(&p).map_err(|source| ImageError::Read { path: p, source })
-        };
-        let mut db = ModuleDb::default();
-        for line in read("modules.dep")?.lines() {
-            let Some((path, deps)) = line.split_once(':') else { continue };
-            let name = module_name(path);
-            db.paths.insert(name.clone(), path.to_string());
-            db.deps.insert(name, deps.split_whitespace().map(module_name).collect());
-        }
-        if let Ok(text) = read("modules.softdep") {
-            for line in text.lines() {
-                let mut words = line.split_whitespace();
-                if words.next() != Some("softdep") {
-                    continue;
-                }
-                let Some(name) = words.next() else { continue };
-                let entry = db.soft.entry(module_name(name)).or_default();
-                let mut post = false;
-                for w in words {
-                    match w {
-                        "pre:" => post = false,
-                        "post:" => post = true,
-                        dep if post => entry.1.push(dep.to_string()),
-                        dep => entry.0.push(dep.to_string()),
-                    }
-                }
-            }
-        }
-        if let Ok(text) = read("modules.alias") {
-            for line in text.lines() {
-                let mut w = line.split_whitespace();
-                if let (Some("alias"), Some(alias), Some(m)) = (w.next(), w.next(), w.next()) {
-                    db.aliases.entry(alias.to_string()).or_default().push(module_name(m));
-                }
-            }
-        }
-        if let Ok(text) = read("modules.builtin") {
-            db.builtin = text.lines().map(module_name).collect();
-        }
-        Ok(db)
+        let index = ModuleIndex::load(root).map_err(|source| ImageError::Read { path: root.join("modules.dep"), source })?;
+        Ok(ModuleDb(index))
     }
 
     pub fn path_of(&self, name: &str) -> Option<&str> {
-        self.paths.get(name).map(String::as_str)
-    }
-
-    /// Resolve a soft dependency (a module name or an alias such as `crypto-crc32c`) to module names.
-    fn resolve_soft(&self, dep: &str) -> Vec<String> {
-        let n = module_name(dep);
-        if self.paths.contains_key(&n) {
-            return vec![n];
-        }
-        self.aliases.get(dep).cloned().unwrap_or_default()
+        self.0.path_of(name)
     }
 
     /// The load-ordered closure of `wanted`. Built-in modules are skipped; an unknown one is an error.
     pub fn closure(&self, wanted: &[&str]) -> Result<Vec<String>, ImageError> {
-        let mut order = Vec::new();
-        let mut seen = BTreeSet::new();
-        for w in wanted {
-            let n = module_name(w);
-            if !self.paths.contains_key(&n) {
-                if self.builtin.contains(&n) {
-                    continue;
-                }
-                return Err(ImageError::UnknownModule { name: n });
-            }
-            self.visit(&n, &mut seen, &mut order);
-        }
-        Ok(order)
-    }
-
-    fn visit(&self, name: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
-        if !seen.insert(name.to_string()) || !self.paths.contains_key(name) {
-            return;
-        }
-        let (pre, post) = self.soft.get(name).cloned().unwrap_or_default();
-        for p in pre.iter().flat_map(|d| self.resolve_soft(d)) {
-            self.visit(&p, seen, order);
-        }
-        if let Some(deps) = self.deps.get(name) {
-            for d in deps.iter().rev() {
-                self.visit(d, seen, order);
-            }
-        }
-        order.push(name.to_string());
-        for p in post.iter().flat_map(|d| self.resolve_soft(d)) {
-            self.visit(&p, seen, order);
+        let plan = self.0.plan(wanted);
+        match plan.unknown.first() {
+            Some(name) => Err(ImageError::UnknownModule { name: module_name(name) }),
+            None => Ok(plan.order),
         }
     }
 }
@@ -204,10 +109,5 @@ mod tests {
     #[test]
     fn unknown_module_is_an_error() {
         assert!(db().closure(&["nosuch"]).is_err());
-    }
-
-    #[test]
-    fn names_are_normalised() {
-        assert_eq!(module_name("kernel/drivers/virtio/virtio-pci.ko.xz"), "virtio_pci");
     }
 }
