@@ -1,7 +1,8 @@
 # Keel — top-level build. `make run` boots Keel, `make test` runs every test. Both install what they need.
 #
 # Debian packages a component needs are listed one per line in <component>/debian-packages.txt, Python packages
-# in <component>/pip-packages.txt; `make deps` installs them (idempotent; quick when everything is present).
+# in <component>/pip-packages.txt; `make deps` installs them (idempotent; quick when everything is present), the
+# Python ones into target/python (tests put it on PYTHONPATH).
 # QEMU comes from bookworm-backports: the build machines ship qemu-utils 10 from there, which conflicts with
 # bookworm's own qemu-system-x86 7.2.
 
@@ -13,6 +14,7 @@ RELEASE_DIR  := target/$(TARGET)/release
 DEB_PKGS     := $(sort $(shell cat */debian-packages.txt 2>/dev/null | sed 's/\#.*//'))
 PIP_PKGS     := $(sort $(shell cat */pip-packages.txt 2>/dev/null | sed 's/\#.*//'))
 STAMP        := target/.deps-stamp
+PY_DIR       := target/python
 BACKPORTS    := /etc/apt/sources.list.d/keel-backports.sources
 APT_INSTALL  := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
@@ -20,7 +22,7 @@ APT_INSTALL  := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-insta
 
 all: build
 
-$(STAMP): $(wildcard */debian-packages.txt) $(wildcard */pip-packages.txt)
+$(STAMP): Makefile $(wildcard */debian-packages.txt) $(wildcard */pip-packages.txt)
 	@mkdir -p target
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "make deps: installing Debian packages:$$missing"; \
@@ -30,7 +32,9 @@ $(STAMP): $(wildcard */debian-packages.txt) $(wildcard */pip-packages.txt)
 	  [ -e $(BACKPORTS) ] || grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ || \
 	    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > $(BACKPORTS); \
 	  apt-get update -qq && $(APT_INSTALL) -t bookworm-backports qemu-system-x86; fi
-	@if [ -n "$(PIP_PKGS)" ]; then python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore $(PIP_PKGS); fi
+	@# Into the build tree, not the system: Debian's python3 refuses system-wide pip installs (PEP 668).
+	@if [ -n "$(PIP_PKGS)" ]; then echo "make deps: installing Python packages into $(PY_DIR): $(PIP_PKGS)"; \
+	  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --upgrade --target $(PY_DIR) $(PIP_PKGS); fi
 	@touch $@
 
 deps: $(STAMP)
@@ -42,7 +46,7 @@ build: deps
 # loopback, real clients), and the QEMU tests (the tests build the image themselves). QEMU must be present.
 test: build
 	@# A hung test must fail the run, not hold CI until its own limit: the suite takes ≈ 20 min here.
-	KEEL_REQUIRE_QEMU=1 timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --release --workspace -- --test-threads=2 \
+	KEEL_REQUIRE_QEMU=1 KEEL_REQUIRE_TOOLS=1 timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --release --workspace -- --test-threads=2 \
 	  || { rc=$$?; [ $$rc -ne 124 ] || echo "make test: stopped after $(TEST_TIMEOUT); a test hung (the last 'Running' line above names its suite)"; exit $$rc; }
 
 # Everything but the QEMU tests.

@@ -6,12 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_until, Cluster, CTL};
+use common::{have, missing, python_path, wait_until, Cluster, CTL};
 use keel_clusterd::client::request;
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success()).unwrap_or(false)
-}
 
 fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl").args(["-sS", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().expect("run curl");
@@ -22,8 +18,7 @@ fn curl(args: &[&str]) -> (u16, String) {
 
 #[test]
 fn curl_recipes_work() {
-    if !have("curl") {
-        eprintln!("SKIP: curl not installed (make deps)");
+    if missing("curl", have("curl"), "make deps") {
         return;
     }
     let c = Cluster::start(1, false);
@@ -126,8 +121,7 @@ fn bad_input_is_refused_and_member_stays_healthy() {
 
 #[test]
 fn etcdctl_v2_works_unchanged() {
-    if !have("etcdctl") {
-        eprintln!("SKIP: etcdctl not installed (apt-get install etcd-client)");
+    if missing("etcdctl", have("etcdctl"), "make deps, or apt-get install etcd-client") {
         return;
     }
     let c = Cluster::start(1, false);
@@ -189,9 +183,13 @@ fn etcdctl_v2_works_unchanged() {
 
 #[test]
 fn python_etcd_works_unchanged() {
-    let ok = Command::new("python3").args(["-c", "import etcd"]).status().map(|s| s.success()).unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: python-etcd not installed (pip install python-etcd)");
+    let python = || {
+        let mut cmd = Command::new("python3");
+        cmd.env("PYTHONPATH", python_path());
+        cmd
+    };
+    let ok = python().args(["-c", "import etcd"]).status().map(|s| s.success()).unwrap_or(false);
+    if missing("python-etcd", ok, "make deps installs it into target/python") {
         return;
     }
     let c = Cluster::start(1, false);
@@ -230,7 +228,7 @@ assert ev.value == "two", ev.value
 print("python-etcd ok")
 "#
     );
-    let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+    let out = python().args(["-c", &script]).output().expect("python3");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("python-etcd ok"), "python-etcd script failed:\n{text}");
 }

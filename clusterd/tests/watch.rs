@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Cluster, BIN};
+use common::{have, missing, wait_until, Cluster, BIN};
 use keel_clusterd::client::request;
 
 /// A raw HTTP/1.1 watch: the response head, then one decoded chunk per `next_chunk`.
@@ -142,9 +142,7 @@ fn in_netns(script: &str) -> Option<String> {
 
 #[test]
 fn default_client_listener_serves_loopback_and_the_container_bridge() {
-    let have = |t: &str| Command::new("sh").args(["-c", &format!("command -v {t} >/dev/null")]).status().map(|s| s.success()).unwrap_or(false);
-    if !have("ip") || !have("curl") {
-        eprintln!("SKIP: needs ip and curl");
+    if missing("ip and curl", have("ip") && have("curl"), "make deps") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -33,6 +33,35 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 mod ports;
 pub use ports::{bind_unused, free_port};
 
+/// Whether `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]).status().is_ok_and(|s| s.success())
+}
+
+/// True when a client tool a test drives is missing. `make test` sets `KEEL_REQUIRE_TOOLS=1` (its `make deps`
+/// installs them all), and then a missing tool fails the test instead of skipping it.
+pub fn missing(tool: &str, available: bool, install_hint: &str) -> bool {
+    if available {
+        return false;
+    }
+    if std::env::var("KEEL_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+        panic!("KEEL_REQUIRE_TOOLS=1 but {tool} is missing ({install_hint})");
+    }
+    eprintln!("SKIP: {tool} is missing ({install_hint})");
+    true
+}
+
+/// Where `make deps` installs the Python clients (`pip install --target`): Debian's own python3 refuses
+/// installs into the system (PEP 668), so they live in the build tree. `KEEL_PYTHONPATH` overrides it.
+pub fn python_path() -> String {
+    let ours = std::env::var("KEEL_PYTHONPATH")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/python").to_string());
+    match std::env::var("PYTHONPATH") {
+        Ok(p) if !p.is_empty() => format!("{ours}:{p}"),
+        _ => ours,
+    }
+}
+
 /// Shared partition state: blocked (from member id, to member index) pairs and live connections.
 #[derive(Default)]
 pub struct Faults {
