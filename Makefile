@@ -1,8 +1,8 @@
 # Keel — top-level build. `make run` boots Keel, `make test` runs every test. Both install what they need.
 #
-# Debian packages a component needs are listed one per line in <component>/debian-packages.txt, Python packages
-# in <component>/pip-packages.txt; `make deps` installs them (idempotent; quick when everything is present), the
-# Python ones into target/python (tests put it on PYTHONPATH).
+# Debian packages are listed one per line in ./debian-packages.txt (what building needs) and in each component's
+# <component>/debian-packages.txt, Python packages in <component>/pip-packages.txt; `make deps` installs them
+# (idempotent; quick when everything is present), the Python ones into target/python (tests put it on PYTHONPATH).
 # QEMU comes from bookworm-backports: the build machines ship qemu-utils 10 from there, which conflicts with
 # bookworm's own qemu-system-x86 7.2.
 
@@ -11,7 +11,7 @@ CARGO        ?= cargo
 TEST_TIMEOUT ?= 50m
 TARGET       := x86_64-unknown-linux-gnu
 RELEASE_DIR  := target/$(TARGET)/release
-DEB_PKGS     := $(sort $(shell cat */debian-packages.txt 2>/dev/null | sed 's/\#.*//'))
+DEB_PKGS     := $(sort $(shell cat debian-packages.txt */debian-packages.txt 2>/dev/null | sed 's/\#.*//'))
 PIP_PKGS     := $(sort $(shell cat */pip-packages.txt 2>/dev/null | sed 's/\#.*//'))
 STAMP        := target/.deps-stamp
 PY_DIR       := target/python
@@ -22,7 +22,7 @@ APT_INSTALL  := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-insta
 
 all: build
 
-$(STAMP): Makefile $(wildcard */debian-packages.txt) $(wildcard */pip-packages.txt)
+$(STAMP): Makefile debian-packages.txt $(wildcard */debian-packages.txt) $(wildcard */pip-packages.txt)
 	@mkdir -p target
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "make deps: installing Debian packages:$$missing"; \
