@@ -127,7 +127,7 @@ clusterd / etcd throughput (median over median; each round's own ratio in bracke
 $(ratio clusterd-get-64 etcd-get-64) ($(round_ratios get-64)). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
 
 Fourth pass (2026-11-22). Where it left PUT at 64 connections: on the 2× line, not reliably above it (two runs of
-this pass's code: 1.92× before and 2.02× after the direct-proposal path, median over median, single rounds 1.84–2.38×; before this pass 1.68×). **postcard instead of JSON** for the Raft log entries in \`clusterd.redb\` and for
+this pass's code: 1.92× before and 2.02× after the direct-proposal path, median over median, single rounds 1.84–2.38×; before this pass 1.68×; a later run of the same write path, 2026-11-22T18:41Z, 1.82× with rounds 2.00, 1.94, 1.79: clusterd 31–36k req/s as before, etcd 15.6–18.8k). **postcard instead of JSON** for the Raft log entries in \`clusterd.redb\` and for
 openraft's peer RPC bodies: JSON's string escaping and parsing were ≈ 9 % of the three members' CPU at 64
 connections (\`perf\` on a frame-pointer build); entries are about half the size. **The keys store** overwrites a
 replaced file in place instead of removing and re-inserting it in its directory's map, and builds key paths for
