@@ -359,13 +359,15 @@ impl Ctx {
         self.proposals.fetch_add(1, Ordering::Relaxed);
         // Nothing in flight and nobody waiting for a slot: propose from here, saving the two task hops through the
         // batcher (a slot that frees while proposals wait goes to the batcher first: the semaphore is fair).
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let r = if let Ok(slot) = self.batch_slots.clone().try_acquire_owned() {
             write(&self.raft, req, slot).await
-        } else if self.batch_tx.send((req, tx)).is_err() {
-            Err(ProposeError::Fatal("proposal queue closed".into()))
         } else {
-            rx.await.unwrap_or_else(|_| Err(ProposeError::Fatal("proposal dropped".into())))
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.batch_tx.send((req, tx)).is_err() {
+                Err(ProposeError::Fatal("proposal queue closed".into()))
+            } else {
+                rx.await.unwrap_or_else(|_| Err(ProposeError::Fatal("proposal dropped".into())))
+            }
         };
         if r.is_err() {
             self.proposals_failed.fetch_add(1, Ordering::Relaxed);

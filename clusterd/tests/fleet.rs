@@ -47,7 +47,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-
 fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
         .into_iter()

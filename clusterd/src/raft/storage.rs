@@ -265,8 +265,17 @@ fn read_snapshot(snap_db: &Database, snap_path: &Path, db: &Database, path: &Pat
 
 /// Stores from before snapshot.redb kept the snapshot under `meta`/`snapshot` in clusterd.redb. Once
 /// snapshot.redb holds one, that old copy is never read again: drop it (it can be megabytes). True if it was there.
+/// A store without the old copy (every store but the first start after the upgrade) costs one read, no write.
 fn drop_legacy_snapshot(db: &Database, path: &Path, snap_db: &Database, snap_path: &Path) -> Result<bool, StorageError> {
     let corrupt = |p: &Path, detail: String| StorageError::Corrupt { path: p.to_path_buf(), detail };
+    let has_old = {
+        let r = db.begin_read().map_err(|e| corrupt(path, e.to_string()))?;
+        let t = r.open_table(META).map_err(|e| corrupt(path, e.to_string()))?;
+        t.get("snapshot").map_err(|e| corrupt(path, e.to_string()))?.is_some()
+    };
+    if !has_old {
+        return Ok(false);
+    }
     let has_new = {
         let r = snap_db.begin_read().map_err(|e| corrupt(snap_path, e.to_string()))?;
         let t = r.open_table(SNAP).map_err(|e| corrupt(snap_path, e.to_string()))?;
