@@ -126,6 +126,25 @@ clusterd / etcd throughput (median over median; each round's own ratio in bracke
 ($(round_ratios put-1)), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64) ($(round_ratios put-64)), GET 64 conns
 $(ratio clusterd-get-64 etcd-get-64) ($(round_ratios get-64)). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
 
+Fifth pass (2026-11-22, evening). **\`--threads\`**: clusterd's async workers now default to half the CPUs the
+process may use (at least 1) instead of one per CPU, so a member leaves the machine to its containers; on this
+2-core machine that is one worker per member. A write crosses several tasks (HTTP, Raft core, replication, apply)
+that then hand over without waking a second thread: interleaved runs, 1 vs 2 workers, PUT with 1 connection
+2,430–2,515 vs 2,064–2,274 req/s (+13 %, p99 0.87–0.93 vs 1.03–1.12 ms), GET at 64 connections 134–139k vs
+120–122k, PUT at 64 unchanged (33–37k both). Building or installing a snapshot now runs off the workers
+(\`block_in_place\`), so one worker still answers heartbeats while a large state is encoded. **The committed-index
+hint** is left in shared memory for the log writer instead of being queued to it: each commit used to wake that
+thread (nice −10) only for it to find nothing due (CPU per PUT at 64 connections −1–3 %, throughput unchanged within noise).
+The same-run ratios of this pass move with the machine: a run at 19:58Z (one worker via
+\`TOKIO_WORKER_THREADS=1\`, before the hint change) gave PUT 1 conn 2,486 vs 3,549 (0.70×), 64 conns 37,407 vs
+19,034 (1.97×; rounds 1.91, 1.97, 1.86), GET 5.5×; the table above is the final build. Also measured, not
+adopted: \`--snapshot-count 2000\` instead of 10,000 (a shorter log table: PUT 1 conn +11 %, 64 unchanged, p99
+unchanged; 500: +16 % but p99 1.5 ms), because snapshotting five times as often costs in proportion to the state,
+which a large key space pays; fdatasync itself costs ≈ 30 µs on this disk (ext4 without a journal,
+write + fdatasync of 1–8 pages from Python: 29–42 µs), so with 1 connection the ≈ 400 µs per write is CPU and
+hand-overs: two redb commits of ≈ 75 µs of CPU each (B-tree path copies, checksums, allocator), one after the
+other, plus HTTP and task wake-ups on three members sharing 2 cores.
+
 Fourth pass (2026-11-22). Where it left PUT at 64 connections: on the 2× line, not reliably above it (two runs of
 this pass's code: 1.92× before and 2.02× after the direct-proposal path, median over median, single rounds 1.84–2.38×; before this pass 1.68×; a later run of the same write path, 2026-11-22T18:41Z, 1.82× with rounds 2.00, 1.94, 1.79: clusterd 31–36k req/s as before, etcd 15.6–18.8k). **postcard instead of JSON** for the Raft log entries in \`clusterd.redb\` and for
 openraft's peer RPC bodies: JSON's string escaping and parsing were ≈ 9 % of the three members' CPU at 64
@@ -141,7 +160,7 @@ from the request's own task instead of through the batcher (two task hops fewer:
 unchanged at 64). Together, clusterd CPU per PUT at 64 connections (the three members' CPU time over requests
 served, interleaved 8 s runs) went from 38–42 µs to 31–33 µs, and throughput rose ≈ 10–15 %; etcd needs 82–88 µs.
 Retested and still dropped: 2 batches in flight (−5 to −12 %), \`TOKIO_WORKER_THREADS=1\` (no difference beyond
-noise at 64), no snapshots during the run (−10 %: a growing file costs more per fsync than compaction). At 64
+noise at 64; adopted in the fifth pass for what it does with 1 connection and for GET), no snapshots during the run (−10 %: a growing file costs more per fsync than compaction). At 64
 connections the members use ≈ 1.2 of the 2 cores; what bounds throughput is the batch cycle (the leader's commit,
 then a follower's: ≈ 430 µs of a ≈ 830 µs cycle) and the disk: an 8 s run wrote 1.1 GB, ≈ 3.6 KB per 256-byte PUT
 over three members, ≈ 38 KB and 7 write IOs per redb commit, because every commit copies the B-tree path, the
@@ -190,7 +209,7 @@ the Raft log lives in redb, which issue 3 prescribes, and openraft 0.9 runs the 
 commits one after the other. With 64 connections, before the fourth pass, the cores were the limit (leader ≈ 0.75 CPU: client HTTP ≈ 28 %, the log writer ≈ 16 %,
 replication ≈ 8 %; each follower ≈ 0.35: redb commit ≈ 27 %, applying ≈ 17 %, JSON decode ≈ 6 %). Also seen: with
 \`TOKIO_WORKER_THREADS=1\` (three members on 2 cores) PUT with 1 connection rises ≈ 17 % (fewer cross-thread
-wake-ups); the default stays one worker per core, which is what a member alone on its machine wants.
+wake-ups); the fifth pass made half the CPUs the default (\`--threads\`), one worker here.
 
 Earlier steps, still in place: purged log entries leave the file 8 per transaction (one transaction deleting
 thousands used to hold every append for 100+ ms; 64 per transaction put 1 append in 64 behind ≈ 7 extra pages:

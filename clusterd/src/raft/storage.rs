@@ -151,7 +151,6 @@ pub const FSYNC_BUCKETS: [f64; 4] = [0.001, 0.005, 0.02, 0.1];
 enum Op {
     Append { entries: Vec<(LogId<u64>, Vec<u8>)>, cb: LogFlushed<TypeConfig> },
     Vote { bytes: Vec<u8>, done: tokio::sync::oneshot::Sender<Result<(), String>> },
-    Committed { bytes: Vec<u8> },
     Truncate { from: u64, done: tokio::sync::oneshot::Sender<Result<(), String>> },
     Purge { upto: u64, bytes: Vec<u8>, done: tokio::sync::oneshot::Sender<Result<(), String>> },
 }
@@ -167,6 +166,10 @@ struct Shared {
     recent: Mutex<Recent>,
     last_purged: Mutex<Option<LogId<u64>>>,
     last_log: Mutex<Option<LogId<u64>>>,
+    /// The newest committed-index hint not yet in the file (JSON). openraft reports every commit; handing each
+    /// one to the writer through its queue woke that thread (at nice −10, preempting request handling) once per
+    /// commit on every member only for it to find nothing due. It takes the hint from here when it writes.
+    committed_hint: Mutex<Option<Vec<u8>>>,
     metrics: Arc<StorageMetrics>,
 }
 
@@ -386,6 +389,7 @@ pub fn open(dir: &Path, metrics: Arc<StorageMetrics>) -> Result<(LogStore, State
         recent: Mutex::new(Recent::default()),
         last_purged: Mutex::new(last_purged),
         last_log: Mutex::new(last_log),
+        committed_hint: Mutex::new(None),
         metrics,
     });
     let (tx, rx) = mpsc::channel();
@@ -510,28 +514,24 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
     // Entries with index < `front` are gone from the file; `goal` is the last index openraft purged.
     let mut goal: Option<u64> = shared.last_purged.lock().ok().and_then(|p| p.map(|l| l.index));
     shared.metrics.log_front.store(front, Ordering::Relaxed);
-    // The newest committed-index hint not yet in the file, and when the hint was last written.
-    let mut committed: Option<Vec<u8>> = None;
+    // When the committed-index hint was last written.
     let mut committed_at = Instant::now();
     loop {
         let backlog = goal.is_some_and(|g| front <= g);
+        let hint_pending = shared.committed_hint.lock().is_ok_and(|h| h.is_some());
+        // A pending hint is written once COMMITTED_EVERY has passed; otherwise look again after that long
+        // (a hint reported meanwhile then waits at most twice COMMITTED_EVERY, or goes with the next append).
         let wait = if backlog {
-            Some(std::time::Duration::from_millis(10))
-        } else if committed.is_some() {
-            Some(COMMITTED_EVERY.saturating_sub(committed_at.elapsed()))
+            std::time::Duration::from_millis(10)
+        } else if hint_pending {
+            COMMITTED_EVERY.saturating_sub(committed_at.elapsed())
         } else {
-            None
+            COMMITTED_EVERY
         };
-        let first = match wait {
-            Some(t) => match rx.recv_timeout(t) {
-                Ok(op) => Some(op),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            },
-            None => match rx.recv() {
-                Ok(op) => Some(op),
-                Err(_) => return,
-            },
+        let first = match rx.recv_timeout(wait) {
+            Ok(op) => Some(op),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let mut batch: Vec<Op> = first.into_iter().collect();
         while let Ok(op) = rx.try_recv() {
@@ -541,16 +541,17 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
             }
         }
         for op in &batch {
-            match op {
-                Op::Purge { upto, .. } => goal = Some(goal.map_or(*upto, |g| g.max(*upto))),
-                Op::Committed { bytes } => committed = Some(bytes.clone()),
-                _ => {}
+            if let Op::Purge { upto, .. } = op {
+                goal = Some(goal.map_or(*upto, |g| g.max(*upto)));
             }
         }
-        batch.retain(|op| !matches!(op, Op::Committed { .. }));
         // Physically drop the next chunk of purged entries (never more than PURGE_CHUNK per transaction).
         let drop_to = goal.filter(|g| front <= *g).map(|g| g.min(front + PURGE_CHUNK - 1));
-        let write_committed = if committed_at.elapsed() >= COMMITTED_EVERY { committed.take() } else { None };
+        let write_committed = if committed_at.elapsed() >= COMMITTED_EVERY {
+            shared.committed_hint.lock().ok().and_then(|mut h| h.take())
+        } else {
+            None
+        };
         if batch.is_empty() && drop_to.is_none() && write_committed.is_none() {
             continue;
         }
@@ -586,7 +587,6 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
                             }
                         }
                         Op::Vote { bytes, .. } => meta_insert("vote", bytes.as_slice())?,
-                        Op::Committed { .. } => {}
                         Op::Truncate { from, .. } => {
                             log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
                         }
@@ -631,7 +631,6 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, mut front: u64) {
                 Op::Vote { done, .. } | Op::Truncate { done, .. } | Op::Purge { done, .. } => {
                     let _ = done.send(res.clone());
                 }
-                Op::Committed { .. } => {}
             }
         }
     }
@@ -742,7 +741,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.shared.metrics.committed.store(c.index, Ordering::Relaxed);
         }
         let bytes = serde_json::to_vec(&committed).map_err(sterr)?;
-        self.tx.send(Op::Committed { bytes }).map_err(|_| sterr("log writer stopped"))
+        *self.shared.committed_hint.lock().map_err(sterr)? = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageErr> {
@@ -811,23 +811,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-impl StateMachine {
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     #[allow(clippy::result_large_err, reason = "openraft's StorageError, passed through to its storage traits unchanged")]
-    fn persist_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageErr> {
-        let shared = self.shared.clone();
-        tokio::task::block_in_place(move || write_snapshot(&shared.snap_db, snap)).map_err(sterr)
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageErr> {
+        self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
+        self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        // Copying, encoding, compressing and writing a large state takes milliseconds of CPU: off the async
+        // workers (there may be only one, see `--threads`), so that heartbeats and requests go on meanwhile.
+        tokio::task::block_in_place(|| self.write_new_snapshot())
     }
+}
 
+impl StateMachine {
     /// Store index of the applied state.
     pub fn store_index(&self) -> u64 {
         self.data.read().map(|d| d.store.index()).unwrap_or(0)
     }
-}
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageErr> {
-        self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
-        self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+    /// Build a snapshot of the applied state, make it durable, keep it as the current one.
+    #[allow(clippy::result_large_err, reason = "openraft's StorageError, passed through to its storage traits unchanged")]
+    fn write_new_snapshot(&self) -> Result<Snapshot<TypeConfig>, StorageErr> {
         let started = Instant::now();
         let data = self.data.read().map_err(sterr)?.clone();
         let json = serde_json::to_vec(&data).map_err(sterr)?;
@@ -838,7 +841,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let meta = SnapshotMeta { last_log_id: data.last_applied, last_membership: data.last_membership.clone(), snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data: pack(&json).map_err(sterr)? };
         // Applied state + last-applied + membership, one transaction.
-        self.persist_snapshot(&stored)?;
+        write_snapshot(&self.shared.snap_db, &stored).map_err(sterr)?;
         tracing::info!(
             "snapshot {} written: {} bytes of state, {} on disk, in {:?}",
             meta.snapshot_id,
@@ -914,12 +917,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.shared.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.log_bytes_since_snapshot.store(0, Ordering::Relaxed);
         let bytes = snapshot.into_inner();
-        let mut data = decode_state(&bytes).map_err(sterr)?;
-        data.last_applied = meta.last_log_id;
-        data.last_membership = meta.last_membership.clone();
-        let packed = if bytes.starts_with(&ZSTD_MAGIC) { bytes } else { pack(&bytes).map_err(sterr)? };
-        let stored = StoredSnapshot { meta: meta.clone(), data: packed };
-        self.persist_snapshot(&stored)?;
+        // Decoding, compressing and writing a large state: off the async workers, like building one.
+        let (data, stored) = tokio::task::block_in_place(|| -> Result<_, String> {
+            let mut data = decode_state(&bytes)?;
+            data.last_applied = meta.last_log_id;
+            data.last_membership = meta.last_membership.clone();
+            let packed = if bytes.starts_with(&ZSTD_MAGIC) { bytes } else { pack(&bytes)? };
+            let stored = StoredSnapshot { meta: meta.clone(), data: packed };
+            write_snapshot(&self.shared.snap_db, &stored)?;
+            Ok((data, stored))
+        })
+        .map_err(sterr)?;
         let index = data.store.index();
         *self.data.write().map_err(sterr)? = data;
         *self.snapshot.lock().map_err(sterr)? = Some(stored);
@@ -991,6 +999,20 @@ mod tests {
         let r = db.begin_read().expect("read");
         assert!(r.open_table(META).expect("meta").get("snapshot").expect("get").is_none());
         assert!(!drop_legacy_snapshot(&db, &path, &snap_db, &snap_path).expect("again"), "nothing left to drop");
+    }
+
+    #[tokio::test]
+    async fn a_reported_commit_reaches_the_file_without_another_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = LogId::new(CommittedLeaderId::new(3, 1), 42);
+        let (mut log, _sm) = open(dir.path(), Arc::default()).expect("open");
+        log.save_committed(Some(id)).await.expect("save");
+        // Nothing else is written: the writer must still put the hint in the file (read_committed reads the file).
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while log.read_committed().await.expect("read") != Some(id) {
+            assert!(Instant::now() < deadline, "committed hint not in the file after 5 s (written every {COMMITTED_EVERY:?})");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
