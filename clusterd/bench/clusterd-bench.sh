@@ -129,18 +129,19 @@ $(ratio clusterd-get-64 etcd-get-64) ($(round_ratios get-64)). Targets (issue 3)
 Fifth pass (2026-11-22, evening). **\`--threads\`**: clusterd's async workers now default to half the CPUs the
 process may use (at least 1) instead of one per CPU, so a member leaves the machine to its containers; on this
 2-core machine that is one worker per member. A write crosses several tasks (HTTP, Raft core, replication, apply)
-that then hand over without waking a second thread: interleaved runs, 1 vs 2 workers, PUT with 1 connection
-2,430–2,515 vs 2,064–2,274 req/s (+13 %, p99 0.87–0.93 vs 1.03–1.12 ms), GET at 64 connections 134–139k vs
-120–122k, PUT at 64 unchanged (33–37k both). Building or installing a snapshot now runs off the workers
+that then hand over without waking a second thread. Interleaved runs, 1 vs 2 workers: CPU per PUT with 1
+connection (three members together) 450–482 vs 479–525 µs; PUT req/s with 1 connection the same within noise (a
+first series of three pairs gave +13 %, six later pairs −3 to +3 %); GET at 64 connections 128–145k vs 119–123k
+req/s, p99 1.1–1.8 vs 0.9 ms (etcd's: 6.7 ms); PUT at 64 unchanged (33–37k both). Building or installing a snapshot now runs off the workers
 (\`block_in_place\`), so one worker still answers heartbeats while a large state is encoded. **The committed-index
 hint** is left in shared memory for the log writer instead of being queued to it: each commit used to wake that
 thread (nice −10) only for it to find nothing due (CPU per PUT at 64 connections −1–3 %, throughput unchanged within noise).
-The same-run ratios of this pass move with the machine: a run at 19:58Z (one worker via
+The same-run ratios of this pass move with the machine: a run at 20:06Z (one worker via
 \`TOKIO_WORKER_THREADS=1\`, before the hint change) gave PUT 1 conn 2,486 vs 3,549 (0.70×), 64 conns 37,407 vs
 19,034 (1.97×; rounds 1.91, 1.97, 1.86), GET 5.5×; the table above is the final build. Also measured, not
-adopted: \`--snapshot-count 2000\` instead of 10,000 (a shorter log table: PUT 1 conn +11 %, 64 unchanged, p99
-unchanged; 500: +16 % but p99 1.5 ms), because snapshotting five times as often costs in proportion to the state,
-which a large key space pays; fdatasync itself costs ≈ 30 µs on this disk (ext4 without a journal,
+adopted: a smaller \`--snapshot-count\` (a shorter log table in redb): a first pair of 5 s runs suggested +11 % with
+1 connection for 2,000 instead of 10,000, but interleaved 6 s runs of 2,000, 3,000, 4,000 and 10,000 all gave
+2,430–2,580 req/s, within noise (500 put p99 at 1.5 ms). fdatasync itself costs ≈ 30 µs on this disk (ext4 without a journal,
 write + fdatasync of 1–8 pages from Python: 29–42 µs), so with 1 connection the ≈ 400 µs per write is CPU and
 hand-overs: two redb commits of ≈ 75 µs of CPU each (B-tree path copies, checksums, allocator), one after the
 other, plus HTTP and task wake-ups on three members sharing 2 cores.

@@ -98,9 +98,10 @@ struct Args {
     election_timeout: u64,
     /// Threads that serve clients and peers and run Raft; the log writer and file work have threads of their
     /// own. Default: half the CPUs this process may use (affinity and cgroup quota count), at least 1, so that
-    /// a member leaves the machine to the containers beside it. Fewer is also faster for small clusters: a
-    /// write passes through several tasks (HTTP, Raft, replication, apply) that hand over without waking another
-    /// thread (2 CPUs, 3 members: 1 thread vs 2 gave +13 % PUT req/s with 1 connection, +10 % GET; docs/benchmarks.md).
+    /// a member leaves the machine to the containers beside it. Fewer threads also cost less CPU per request: a
+    /// write passes through several tasks (HTTP, Raft, replication, apply) that then hand over without waking
+    /// another thread (2 CPUs, 3 members, 1 thread vs 2: 5-8 % less CPU per PUT, GET req/s +5-20 %;
+    /// docs/benchmarks.md).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     /// Discovery token URL (from `clusterd discovery`'s /new?size=N): wait for the cluster's members to
