@@ -6,6 +6,7 @@
 //! - 3.0.0, whose health gate fails (a required unit fails): the engine reboots by itself, the initramfs skips
 //!   the unblessed slot, 1.0.0 runs again and its next check reports 3/0 with error code 44, which halts the
 //!   server's group;
+//! - the same update on a UEFI machine (OVMF, systemd-boot): B's boot-counted UKI is booted, then blessed;
 //! - QEMU killed at random points while 2.0.0 is applied: every restart boots 1.0.0 from slot A, the
 //!   download resumes, and the update completes.
 //!
@@ -442,6 +443,47 @@ fn v1_updates_to_v2_reboots_and_blesses_it() {
         bless.as_secs_f64(),
         reboot_to_blessed.as_secs_f64()
     );
+    let _ = vm.shutdown(Duration::from_secs(30));
+}
+
+/// The same update on a machine that boots through OVMF and systemd-boot instead of direct kernel boot:
+/// after the install, systemd-boot finds B's boot-counted UKI on the ESP and boots it (the UKI from the
+/// payload names no slot, so the initramfs follows the GPT bits to USR-B), and blessing B gives its UKI the
+/// plain name that systemd-boot then always prefers.
+#[test]
+fn a_uefi_machine_updates_to_v2_through_systemd_boot() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let b = builds();
+    let server = Server::start("uefi", &b.keys);
+    server.publish(&b.v2_payload);
+    let name = "update-uefi";
+    let disk = fresh_disk(name, &b.v1);
+    let o = VmOptions { uefi: true, ..opts(name, &disk, &user_data(name, &server, "    health_timeout: 90s\n")) };
+
+    let (mut vm, _) = boot(&o, "USR-A");
+    assert_eq!(os_version(&mut vm), "1.0.0");
+    let (st, _) = wait_status(&mut vm, "UPDATED_NEED_REBOOT", APPLY, |s| s["state"] == "UPDATED_NEED_REBOOT");
+    assert_eq!(st["new_version"], "2.0.0", "{st}");
+    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
+    assert!(esp.stdout.contains("keel-2.0.0-usr-b+1-0.efi"), "no boot-counted UKI for B on the ESP: {}", esp.stdout);
+    let vars = vm.vars.clone();
+    assert!(vars.is_some(), "a UEFI VM has OVMF vars");
+    reboot(vm);
+
+    let o = VmOptions { vars, ..o };
+    let (mut vm, _) = boot(&o, "USR-B");
+    assert_eq!(os_version(&mut vm), "2.0.0", "systemd-boot did not boot the new slot");
+    let (st, _) = wait_status(&mut vm, "the health gate blessing B", Duration::from_secs(120), |s| s["health"] == "good");
+    assert_eq!(st["current_version"], "2.0.0");
+    assert_eq!(slot_bits(&disk, "USR-B"), SlotBits { priority: 2, tries: 0, successful: true }, "B not blessed in the GPT");
+    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
+    assert!(esp.stdout.contains("keel-2.0.0-usr-b.efi"), "B's UKI still counts boots after the blessing: {}", esp.stdout);
+    wait_until("the server seeing 3/2 with previousversion 1.0.0", Duration::from_secs(30), || {
+        server.has_event(3, 2, |e| e["previous_version"] == "1.0.0")
+    });
     let _ = vm.shutdown(Duration::from_secs(30));
 }
 
