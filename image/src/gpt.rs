@@ -83,7 +83,8 @@ impl Entry {
         SlotBits::from_attrs(self.attrs)
     }
     pub fn size_bytes(&self) -> u64 {
-        (self.last_lba + 1 - self.first_lba) * SECTOR
+        // `Table::read` refuses last < first; saturating anyway, so no table makes this wrap.
+        self.last_lba.saturating_add(1).saturating_sub(self.first_lba).saturating_mul(SECTOR)
     }
 }
 
@@ -121,6 +122,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GptError + '_ {
     move |source| GptError::Io { path: path.to_path_buf(), source }
 }
 
+/// Byte offset of `lba`; a table pointing past what a u64 can address is corrupt.
+fn lba_offset(path: &Path, lba: u64, what: &str) -> Result<u64, GptError> {
+    lba.checked_mul(SECTOR)
+        .ok_or_else(|| GptError::Corrupt { path: path.to_path_buf(), what: format!("{what} at LBA {lba}, beyond any disk") })
+}
+
+/// Largest partition entry the reader accepts (UEFI: 128 × 2^n bytes; every tool writes 128).
+const MAX_ENTRY_SIZE: usize = 4096;
+
 fn read_at(f: &mut File, path: &Path, off: u64, len: usize) -> Result<Vec<u8>, GptError> {
     let mut buf = vec![0u8; len];
     f.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
@@ -146,13 +156,13 @@ impl Table {
         if crc32fast::hash(&h) != le_u32(&header, 16) {
             return Err(corrupt("header CRC mismatch"));
         }
-        let entries_lba = le_u64(&header, 72);
+        let entries_at = lba_offset(path, le_u64(&header, 72), "partition entry array")?;
         let count = le_u32(&header, 80) as usize;
         let entry_size = le_u32(&header, 84) as usize;
-        if entry_size < 128 || count > 1024 {
+        if !(128..=MAX_ENTRY_SIZE).contains(&entry_size) || !entry_size.is_multiple_of(128) || count > 1024 {
             return Err(corrupt("entry size or count out of range"));
         }
-        let raw_entries = read_at(&mut f, path, entries_lba * SECTOR, count * entry_size)?;
+        let raw_entries = read_at(&mut f, path, entries_at, count * entry_size)?;
         if crc32fast::hash(&raw_entries) != le_u32(&header, 88) {
             return Err(corrupt("entry array CRC mismatch"));
         }
@@ -161,6 +171,10 @@ impl Table {
             let e = &raw_entries[i * entry_size..(i + 1) * entry_size];
             if e[0..16].iter().all(|&b| b == 0) {
                 continue;
+            }
+            let (first_lba, last_lba) = (le_u64(e, 32), le_u64(e, 40));
+            if last_lba < first_lba {
+                return Err(corrupt(&format!("partition {} ends (LBA {last_lba}) before it starts (LBA {first_lba})", i + 1)));
             }
             let name_u16: Vec<u16> = e[56..128]
                 .chunks_exact(2)
@@ -171,8 +185,8 @@ impl Table {
                 number: (i + 1) as u32,
                 type_guid: guid_to_string(&e[0..16]),
                 part_guid: guid_to_string(&e[16..32]),
-                first_lba: le_u64(e, 32),
-                last_lba: le_u64(e, 40),
+                first_lba,
+                last_lba,
                 attrs: le_u64(e, 48),
                 name: String::from_utf16_lossy(&name_u16),
             });
@@ -199,22 +213,31 @@ pub fn set_slot_bits(path: &Path, label: &str, bits: SlotBits) -> Result<(), Gpt
 
     let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))?;
     let primary = table.header.clone();
-    let backup_lba = le_u64(&primary, 32);
-    let backup = read_at(&mut f, path, backup_lba * SECTOR, SECTOR as usize)?;
+    let backup_at = lba_offset(path, le_u64(&primary, 32), "backup header")?;
+    let backup = read_at(&mut f, path, backup_at, SECTOR as usize)?;
+    let corrupt = |what: &str| GptError::Corrupt { path: path.to_path_buf(), what: what.to_string() };
     if &backup[0..8] != b"EFI PART" {
-        return Err(GptError::Corrupt { path: path.to_path_buf(), what: "backup header missing".into() });
+        return Err(corrupt("backup header missing"));
     }
+    // Plan both copies before writing either: a bad backup header must not leave the primary rewritten alone.
+    let mut writes = Vec::new();
     for mut hdr in [primary, backup] {
         let hsize = le_u32(&hdr, 12) as usize;
-        let my_lba = le_u64(&hdr, 24);
-        let entries_lba = le_u64(&hdr, 72);
+        if !(92..=SECTOR as usize).contains(&hsize) {
+            return Err(corrupt("header size out of range"));
+        }
+        let header_at = lba_offset(path, le_u64(&hdr, 24), "header")?;
+        let entries_at = lba_offset(path, le_u64(&hdr, 72), "partition entry array")?;
         hdr[88..92].copy_from_slice(&entries_crc.to_le_bytes());
         hdr[16..20].fill(0);
         let crc = crc32fast::hash(&hdr[..hsize]);
         hdr[16..20].copy_from_slice(&crc.to_le_bytes());
-        f.seek(SeekFrom::Start(entries_lba * SECTOR)).map_err(io_err(path))?;
+        writes.push((entries_at, header_at, hdr));
+    }
+    for (entries_at, header_at, hdr) in writes {
+        f.seek(SeekFrom::Start(entries_at)).map_err(io_err(path))?;
         f.write_all(&entries).map_err(io_err(path))?;
-        f.seek(SeekFrom::Start(my_lba * SECTOR)).map_err(io_err(path))?;
+        f.seek(SeekFrom::Start(header_at)).map_err(io_err(path))?;
         f.write_all(&hdr).map_err(io_err(path))?;
     }
     f.sync_all().map_err(io_err(path))?;
@@ -240,6 +263,109 @@ mod tests {
         assert!(!SlotBits { priority: 2, tries: 0, successful: false }.bootable());
         assert!(SlotBits { priority: 1, tries: 0, successful: true }.bootable());
         assert!(SlotBits { priority: 1, tries: 1, successful: false }.bootable());
+    }
+
+    const DISK_SECTORS: u64 = 64;
+
+    fn put_u32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put_u64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Header CRCs for `entries` (the whole slice) and the header itself.
+    fn seal(h: &mut [u8], entries: &[u8]) {
+        put_u32(h, 88, crc32fast::hash(entries));
+        put_u32(h, 16, 0);
+        let hsize = (le_u32(h, 12) as usize).min(h.len());
+        put_u32(h, 16, crc32fast::hash(&h[..hsize]));
+    }
+
+    /// A 64-sector disk with both GPT copies (4 entries; partition 1 "USR-B", LBA 34..=40), after `edit`
+    /// changed the primary header and the entries; the CRCs are recomputed after the edit.
+    fn disk(dir: &Path, edit: impl FnOnce(&mut [u8], &mut [u8])) -> PathBuf {
+        let mut e = vec![0u8; 512];
+        e[0] = 1;
+        put_u64(&mut e, 32, 34);
+        put_u64(&mut e, 40, 40);
+        for (i, c) in "USR-B".encode_utf16().enumerate() {
+            e[56 + 2 * i..58 + 2 * i].copy_from_slice(&c.to_le_bytes());
+        }
+        let mut h = vec![0u8; 512];
+        h[0..8].copy_from_slice(b"EFI PART");
+        put_u32(&mut h, 8, 0x0001_0000);
+        put_u32(&mut h, 12, 92);
+        put_u64(&mut h, 24, 1);
+        put_u64(&mut h, 32, DISK_SECTORS - 1);
+        put_u64(&mut h, 72, 2);
+        put_u32(&mut h, 80, 4);
+        put_u32(&mut h, 84, 128);
+        edit(&mut h, &mut e);
+        seal(&mut h, &e);
+        let mut b = h.clone();
+        put_u64(&mut b, 24, DISK_SECTORS - 1);
+        put_u64(&mut b, 32, 1);
+        put_u64(&mut b, 72, DISK_SECTORS - 2);
+        seal(&mut b, &e);
+        let mut img = vec![0u8; (DISK_SECTORS * SECTOR) as usize];
+        let at = |lba: u64| (lba * SECTOR) as usize;
+        img[at(1)..at(2)].copy_from_slice(&h);
+        img[at(2)..at(3)].copy_from_slice(&e);
+        img[at(DISK_SECTORS - 2)..at(DISK_SECTORS - 1)].copy_from_slice(&e);
+        img[at(DISK_SECTORS - 1)..].copy_from_slice(&b);
+        let path = dir.join("disk.img");
+        std::fs::write(&path, img).expect("write disk");
+        path
+    }
+
+    fn corrupt_what(r: Result<Table, GptError>) -> String {
+        match r {
+            Err(GptError::Corrupt { what, .. }) => what,
+            other => panic!("expected a corrupt-table error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn slot_bits_are_written_to_both_copies_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = disk(dir.path(), |_, _| {});
+        let t = Table::read(&path).expect("valid table");
+        assert_eq!(t.by_label("USR-B").map(Entry::size_bytes), Some(7 * SECTOR));
+        let bits = SlotBits { priority: 2, tries: 1, successful: false };
+        set_slot_bits(&path, "USR-B", bits).expect("set bits");
+        assert_eq!(Table::read(&path).expect("reread").by_label("USR-B").map(Entry::slot), Some(bits));
+        // The backup copy: its header CRC and entry array must match what was written.
+        let img = std::fs::read(&path).expect("read disk");
+        let b = &img[((DISK_SECTORS - 1) * SECTOR) as usize..];
+        let e = &img[((DISK_SECTORS - 2) * SECTOR) as usize..((DISK_SECTORS - 1) * SECTOR) as usize];
+        assert_eq!(le_u32(b, 88), crc32fast::hash(e), "backup entry CRC");
+        assert_eq!(SlotBits::from_attrs(le_u64(e, 48)), bits);
+    }
+
+    #[test]
+    fn out_of_range_fields_are_corrupt_tables_not_panics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Found by the gpt_table fuzz target: an entry array LBA whose byte offset overflows.
+        let what = corrupt_what(Table::read(&disk(dir.path(), |h, _| put_u64(h, 72, u64::MAX / 256))));
+        assert!(what.contains("beyond any disk"), "{what}");
+        // An entry size that would make the reader allocate gigabytes.
+        let what = corrupt_what(Table::read(&disk(dir.path(), |h, _| put_u32(h, 84, 0x8000_0000))));
+        assert!(what.contains("entry size"), "{what}");
+        let what = corrupt_what(Table::read(&disk(dir.path(), |_, e| put_u64(e, 40, 10))));
+        assert!(what.contains("ends (LBA 10) before it starts (LBA 34)"), "{what}");
+    }
+
+    #[test]
+    fn a_bad_backup_header_leaves_the_disk_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = disk(dir.path(), |_, _| {});
+        let mut img = std::fs::read(&path).expect("read disk");
+        put_u32(&mut img, ((DISK_SECTORS - 1) * SECTOR) as usize + 12, 0xffff);
+        std::fs::write(&path, &img).expect("write disk");
+        let err = set_slot_bits(&path, "USR-B", SlotBits { priority: 2, tries: 1, successful: false });
+        assert!(matches!(&err, Err(GptError::Corrupt { what, .. }) if what.contains("header size")), "{err:?}");
+        assert_eq!(std::fs::read(&path).expect("reread"), img, "the primary copy was rewritten alone");
     }
 
     #[test]

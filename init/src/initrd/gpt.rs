@@ -119,7 +119,8 @@ fn read_at(f: &mut File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
 
 /// Validate a header sector and read its entry array; `Err` says what is wrong.
 fn parse_copy(f: &mut File, sector: u64, header_lba: u64) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let h = read_at(f, header_lba * sector, sector as usize).map_err(|e| format!("read error: {e}"))?;
+    let at = header_lba.checked_mul(sector).ok_or_else(|| format!("header LBA {header_lba} is beyond any disk"))?;
+    let h = read_at(f, at, sector as usize).map_err(|e| format!("read error: {e}"))?;
     if &h[0..8] != b"EFI PART" {
         return Err("no \"EFI PART\" signature".into());
     }
@@ -134,10 +135,12 @@ fn parse_copy(f: &mut File, sector: u64, header_lba: u64) -> Result<(Vec<u8>, Ve
     }
     let count = u32_at(&h, 80) as usize;
     let esize = u32_at(&h, 84) as usize;
-    if esize < 128 || count == 0 || count > 1024 {
+    if !(128..=4096).contains(&esize) || count == 0 || count > 1024 {
         return Err(format!("entry size {esize} / count {count} out of range"));
     }
-    let entries = read_at(f, u64_at(&h, 72) * sector, count * esize).map_err(|e| format!("read error: {e}"))?;
+    let entries_lba = u64_at(&h, 72);
+    let at = entries_lba.checked_mul(sector).ok_or_else(|| format!("entry array LBA {entries_lba} is beyond any disk"))?;
+    let entries = read_at(f, at, count * esize).map_err(|e| format!("read error: {e}"))?;
     if crc32(&entries) != u32_at(&h, 88) {
         return Err("entry array CRC mismatch".into());
     }
@@ -238,6 +241,38 @@ mod tests {
 
     fn table(entries: Vec<Entry>) -> Table {
         Table { entries, used_backup: false, sector: 512, raw_entries: vec![], entry_size: 128, primary_lba: 1, backup_lba: 0 }
+    }
+
+    /// A disk image whose LBA 1 holds a header (valid signature, size and CRC) with `edit` applied first.
+    fn header_image(edit: impl FnOnce(&mut [u8])) -> tempfile::NamedTempFile {
+        let mut h = vec![0u8; 512];
+        h[0..8].copy_from_slice(b"EFI PART");
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&4u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        edit(&mut h);
+        let crc = crc32(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        let mut img = vec![0u8; 8 * 512];
+        img[512..1024].copy_from_slice(&h);
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), img).expect("write image");
+        f
+    }
+
+    #[test]
+    fn wild_header_fields_are_errors_not_panics_or_huge_reads() {
+        let img = header_image(|h| h[72..80].copy_from_slice(&(u64::MAX / 256).to_le_bytes()));
+        let err = parse_copy(&mut File::open(img.path()).expect("open"), 512, 1).expect_err("overflowing entry LBA");
+        assert!(err.contains("beyond any disk"), "{err}");
+        let img = header_image(|h| h[84..88].copy_from_slice(&0x8000_0000u32.to_le_bytes()));
+        let err = parse_copy(&mut File::open(img.path()).expect("open"), 512, 1).expect_err("huge entry size");
+        assert!(err.contains("out of range"), "{err}");
+        let img = header_image(|_| {});
+        let err = parse_copy(&mut File::open(img.path()).expect("open"), 512, u64::MAX / 2).expect_err("header LBA");
+        assert!(err.contains("beyond any disk"), "{err}");
     }
 
     #[test]

@@ -114,7 +114,9 @@ impl GptDisk {
         }
         let read_header = |lba: u64| -> std::result::Result<(Header, Vec<u8>), String> {
             let mut raw = vec![0u8; sector as usize];
-            file.read_exact_at(&mut raw, lba * sector)
+            // The backup's LBA comes from the primary header: a wild value is an error, not an overflow.
+            let at = lba.checked_mul(sector).ok_or_else(|| format!("header LBA {lba} is beyond any disk"))?;
+            file.read_exact_at(&mut raw, at)
                 .map_err(|e| format!("reading LBA {lba}: {e}"))?;
             if &raw[..8] != b"EFI PART" {
                 return Err(format!("no signature at LBA {lba}"));
@@ -145,7 +147,10 @@ impl GptDisk {
             }
             let len = hdr.num_entries as usize * hdr.entry_size as usize;
             let mut entries = vec![0u8; len];
-            file.read_exact_at(&mut entries, hdr.entries_lba * sector)
+            let at = hdr.entries_lba.checked_mul(sector).ok_or_else(|| {
+                format!("entry array LBA {} (header at LBA {lba}) is beyond any disk", hdr.entries_lba)
+            })?;
+            file.read_exact_at(&mut entries, at)
                 .map_err(|e| format!("reading entries at LBA {}: {e}", hdr.entries_lba))?;
             if crc32fast::hash(&entries) != le32(&hdr.raw, 88) {
                 return Err(format!("entries CRC mismatch for header at LBA {lba}"));
@@ -153,10 +158,14 @@ impl GptDisk {
             Ok((hdr, entries))
         };
         let primary = read_header(1);
+        let last = (disk_len / sector).saturating_sub(1);
         let alt = match &primary {
             Ok((h, _)) => le64(&h.raw, 32),
-            Err(_) => (disk_len / sector).saturating_sub(1),
+            Err(_) => last,
         };
+        // A backup LBA outside the disk (the primary's field is only CRC-protected, not sane) is taken as the
+        // last sector, where the spec puts it: a rewrite must never land at a wrapped or foreign offset.
+        let alt = if alt <= 1 || alt > last { last } else { alt };
         let backup = read_header(alt);
         let (p, b, entries) = match (primary, backup) {
             (Ok((p, e)), Ok((b, _))) => (p, b, e),
@@ -237,9 +246,10 @@ impl GptDisk {
 
     /// Byte offset and length of a partition.
     pub fn byte_range(&self, p: &Partition) -> (u64, u64) {
+        // Saturating: a partition that ends before it starts has no bytes, whatever the table says.
         (
-            p.first_lba * self.sector,
-            (p.last_lba + 1 - p.first_lba) * self.sector,
+            p.first_lba.saturating_mul(self.sector),
+            p.last_lba.saturating_add(1).saturating_sub(p.first_lba).saturating_mul(self.sector),
         )
     }
 
@@ -315,4 +325,44 @@ fn block_device_len(file: &File) -> Option<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = file.try_clone().ok()?;
     f.seek(SeekFrom::End(0)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-sector image: a primary header (valid CRCs) whose backup LBA is `backup_lba`, 4 empty entries.
+    fn image(backup_lba: u64, entries_lba: u64) -> tempfile::NamedTempFile {
+        let entries = vec![0u8; 512];
+        let mut h = vec![0u8; 512];
+        h[0..8].copy_from_slice(b"EFI PART");
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[32..40].copy_from_slice(&backup_lba.to_le_bytes());
+        h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+        h[80..84].copy_from_slice(&4u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&crc32fast::hash(&entries).to_le_bytes());
+        let crc = crc32fast::hash(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        let mut img = vec![0u8; 64 * 512];
+        img[512..1024].copy_from_slice(&h);
+        img[1024..1536].copy_from_slice(&entries);
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), img).expect("write image");
+        f
+    }
+
+    #[test]
+    fn wild_lbas_are_errors_or_the_spec_location_never_a_wrapped_write() {
+        // The backup LBA comes from the primary header: a wild one means "rebuild the backup at the last sector".
+        let img = image(u64::MAX / 2, 2);
+        let mut disk = GptDisk::open(img.path()).expect("a good primary opens");
+        disk.write().expect("write both copies");
+        let bytes = std::fs::read(img.path()).expect("read image");
+        assert_eq!(&bytes[63 * 512..63 * 512 + 8], b"EFI PART", "backup not rebuilt at the last sector");
+        assert_eq!(bytes.len(), 64 * 512, "something was written past the disk's end");
+        // An entry array beyond any disk: the primary is unusable, and there is no backup to fall back on.
+        assert!(GptDisk::open(image(63, u64::MAX / 256).path()).is_err());
+    }
 }
