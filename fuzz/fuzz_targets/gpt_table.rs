@@ -1,10 +1,13 @@
-//! Fuzzes the GPT reader (`keel_image::gpt::Table::read`): the updater reads the partition table of the disk
-//! it runs from before it writes a slot, and a damaged or crafted table must be an error, never a panic or
-//! an unbounded allocation. Input: the disk's first bytes from LBA 1 on (header, then entries). The harness
-//! puts the "EFI PART" signature in place and fixes up both CRCs, so mutations reach the fields behind them.
+//! Fuzzes Keel's three GPT readers on the same disk: mkimage's (`keel_image::gpt`), the updater's
+//! (`keel_updater::slot::GptDisk`, which also rewrites the table when it changes slot bits) and the initramfs's
+//! (`keel_init::initrd::gpt`). A damaged or crafted table must be an error, never a panic or an unbounded
+//! allocation, and the updater's rewrite must stay inside the disk. Input: the disk's first bytes from LBA 1 on
+//! (header, then entries). The harness puts the "EFI PART" signature in place and fixes up both CRCs, so
+//! mutations reach the fields behind them.
 #![no_main]
 
 use keel_image::gpt::Table;
+use keel_updater::slot::GptDisk;
 use libfuzzer_sys::fuzz_target;
 
 const SECTOR: usize = 512;
@@ -40,7 +43,21 @@ fuzz_target!(|data: &[u8]| {
         disk[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
     }
     let path = std::env::temp_dir().join(format!("keel-fuzz-gpt-{}.img", std::process::id()));
-    if std::fs::write(&path, &disk).is_ok() {
-        let _ = Table::read(&path);
+    if std::fs::write(&path, &disk).is_err() {
+        return;
+    }
+    let _ = Table::read(&path);
+    let sectors = (disk.len() / SECTOR) as u64;
+    if let Ok(Some(t)) = keel_init::initrd::gpt::Table::read(&path, SECTOR as u64, sectors) {
+        let _ = t.choose_usr();
+    }
+    if let Ok(mut d) = GptDisk::open(&path) {
+        for p in d.partitions() {
+            let _ = d.byte_range(&p);
+        }
+        if d.write().is_ok() {
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(len, disk.len() as u64, "the updater's GPT rewrite wrote outside the disk");
+        }
     }
 });
