@@ -118,7 +118,7 @@ fn read_at(f: &mut File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Validate a header sector and read its entry array; `Err` says what is wrong.
-fn parse_copy(f: &mut File, sector: u64, header_lba: u64) -> Result<(Vec<u8>, Vec<u8>), String> {
+pub(super) fn parse_copy(f: &mut File, sector: u64, header_lba: u64) -> Result<(Vec<u8>, Vec<u8>), String> {
     let at = header_lba.checked_mul(sector).ok_or_else(|| format!("header LBA {header_lba} is beyond any disk"))?;
     let h = read_at(f, at, sector as usize).map_err(|e| format!("read error: {e}"))?;
     if &h[0..8] != b"EFI PART" {

@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use super::gpt::crc32;
+use super::gpt::{crc32, parse_copy};
 
 /// 1 MiB alignment for the partition end, in 512-byte sectors (scaled for larger sectors below).
 const ALIGN_BYTES: u64 = 1 << 20;
@@ -53,15 +53,13 @@ pub struct Grown {
 /// Extend partition `number` to the end of a disk that grew. `Ok(None)` when there is nothing to do.
 pub fn grow_gpt(dev: &Path, sector: u64, sectors: u64, number: u32) -> Result<Option<Grown>, String> {
     let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(|e| format!("open {}: {e}", dev.display()))?;
-    let mut h = read_at(&mut f, sector, sector as usize).map_err(|e| e.to_string())?;
-    if &h[0..8] != b"EFI PART" {
-        return Err("primary GPT header missing".into());
-    }
+    // The primary copy, validated like a read (Table::read may have used the backup when this one is damaged):
+    // its fields decide where everything below is written.
+    let (mut h, mut entries) = parse_copy(&mut f, sector, 1).map_err(|e| format!("primary GPT header: {e}"))?;
     let last_lba = sectors.checked_sub(1).ok_or("empty disk")?;
     let count = u32_at(&h, 80) as usize;
     let esize = u32_at(&h, 84) as usize;
     let entries_lba = u64_at(&h, 72);
-    let mut entries = read_at(&mut f, entries_lba * sector, count * esize).map_err(|e| e.to_string())?;
     let idx = number.checked_sub(1).ok_or("bad partition number")? as usize;
     let e_off = idx * esize;
     if e_off + esize > entries.len() {
@@ -70,7 +68,7 @@ pub fn grow_gpt(dev: &Path, sector: u64, sectors: u64, number: u32) -> Result<Op
     let part_end = u64_at(&entries, e_off + 40);
     let is_last = entries.chunks_exact(esize).all(|e| e[0..16].iter().all(|b| *b == 0) || u64_at(e, 40) <= part_end);
     let entry_sectors = (count * esize).div_ceil(sector as usize) as u64;
-    let backup_entries_lba = last_lba - entry_sectors;
+    let backup_entries_lba = last_lba.checked_sub(entry_sectors).filter(|l| *l > 1).ok_or("disk too small for a backup GPT")?;
     let last_usable = backup_entries_lba - 1;
     let align = (ALIGN_BYTES / sector).max(1);
     let new_end = (last_usable + 1) / align * align - 1;
@@ -96,7 +94,7 @@ pub fn grow_gpt(dev: &Path, sector: u64, sectors: u64, number: u32) -> Result<Op
     write_at(&mut f, sector, &h).map_err(|e| e.to_string())?;
     f.sync_all().map_err(|e| e.to_string())?;
     let start = u64_at(&entries, e_off + 32);
-    let grown = Grown { start_bytes: start * sector, len_bytes: (new_end + 1 - start) * sector };
+    let grown = Grown { start_bytes: start.saturating_mul(sector), len_bytes: (new_end + 1).saturating_sub(start).saturating_mul(sector) };
     tell_kernel(&f, number, grown)?;
     Ok(Some(grown))
 }
