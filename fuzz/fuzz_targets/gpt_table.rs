@@ -1,13 +1,13 @@
-//! Fuzzes Keel's three GPT readers on the same disk: mkimage's (`keel_image::gpt`), the updater's
-//! (`keel_updater::slot::GptDisk`, which also rewrites the table when it changes slot bits) and the initramfs's
-//! (`keel_init::initrd::gpt`). A damaged or crafted table must be an error, never a panic or an unbounded
-//! allocation, and the updater's rewrite must stay inside the disk. Input: the disk's first bytes from LBA 1 on
+//! Fuzzes Keel's GPT reader and writer (`keel_model::gpt`, shared by mkimage, the updater and the initramfs,
+//! whose slot choice runs on what it reads). A damaged or crafted table must be an error, never a panic or an
+//! unbounded allocation; every partition it reports lies on the disk; a rewrite (which rebuilds a damaged copy)
+//! and a grow onto a larger disk stay inside the disk, and what was written reads back undamaged. Input: the disk's first bytes from LBA 1 on
 //! (header, then entries). The harness puts the "EFI PART" signature in place and fixes up both CRCs, so
 //! mutations reach the fields behind them.
 #![no_main]
 
-use keel_image::gpt::Table;
-use keel_updater::slot::GptDisk;
+use keel_model::crc32::crc32;
+use keel_model::gpt::Disk;
 use libfuzzer_sys::fuzz_target;
 
 const SECTOR: usize = 512;
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     let start = lba.saturating_mul(SECTOR as u64);
     if let (Ok(s), Ok(l)) = (usize::try_from(start), usize::try_from(len)) {
         if let Some(e) = s.checked_add(l).filter(|e| *e <= disk.len()) {
-            let crc = crc32fast::hash(&disk[s..e]);
+            let crc = crc32(&disk[s..e]);
             disk[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
         }
     }
@@ -39,25 +39,42 @@ fuzz_target!(|data: &[u8]| {
     if (92..=SECTOR).contains(&hsize) {
         let mut hdr = disk[h..h + hsize].to_vec();
         hdr[16..20].fill(0);
-        let crc = crc32fast::hash(&hdr);
+        let crc = crc32(&hdr);
         disk[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
     }
     let path = std::env::temp_dir().join(format!("keel-fuzz-gpt-{}.img", std::process::id()));
     if std::fs::write(&path, &disk).is_err() {
         return;
     }
-    let _ = Table::read(&path);
     let sectors = (disk.len() / SECTOR) as u64;
-    if let Ok(Some(t)) = keel_init::initrd::gpt::Table::read(&path, SECTOR as u64, sectors) {
-        let _ = t.choose_usr();
+    if let Ok(Some(d)) = keel_init::initrd::gpt::read(&path) {
+        let _ = keel_init::initrd::gpt::choose_usr(d.partitions());
     }
-    if let Ok(mut d) = GptDisk::open(&path) {
-        for p in d.partitions() {
-            let _ = d.byte_range(&p);
-        }
-        if d.write().is_ok() {
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            assert_eq!(len, disk.len() as u64, "the updater's GPT rewrite wrote outside the disk");
+    let Ok(mut d) = Disk::open_rw(&path) else { return };
+    for p in d.partitions() {
+        let (start, len) = d.byte_range(p);
+        assert!(start + len <= sectors * SECTOR as u64, "partition {} lies past the disk's end", p.number);
+    }
+    let last = d.partitions().last().map(|p| p.number);
+    if d.write().is_ok() {
+        assert_eq!(file_len(&path), disk.len() as u64, "the GPT rewrite wrote outside the disk");
+        // What was written reads back, undamaged.
+        let again = Disk::open(&path).expect("a table just written must read back");
+        assert!(!again.damaged(), "a table just written reads back damaged");
+    }
+    // Growing onto a larger disk stays inside it too.
+    if let (Some(n), Ok(f)) = (last, std::fs::OpenOptions::new().write(true).open(&path)) {
+        if f.set_len(disk.len() as u64 + 64 * SECTOR as u64).is_ok() {
+            if let Ok(mut d) = Disk::open_rw(&path) {
+                if d.grow_to_end(n, 4096).is_ok() {
+                    assert_eq!(file_len(&path), disk.len() as u64 + 64 * SECTOR as u64, "grow wrote past the end");
+                }
+            }
         }
     }
+    let _ = std::fs::remove_file(&path);
 });
+
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}

@@ -4,14 +4,19 @@
 //! meaning of `[Unit]`, `[Service]` and `[Install]` (`unit`), and finding unit files on disk with drop-ins and
 //! templates (`load`), plus the shared value syntax (`values`: booleans, quoting, sizes) and fleet's KV
 //! contract (`fleet`: key layout, records, `drain_progress`). Everything here is pure or read-only on the
-//! filesystem. `lock` holds the cluster reboot lock's semaphore (locksmith's JSON value,
+//! filesystem but `gpt`. `lock` holds the cluster reboot lock's semaphore (locksmith's JSON value,
 //! pure lock/unlock/set-max), shared by the updater's reboot manager and clusterd's FleetLock endpoints;
-//! `kmod` reads a kernel's module index and orders module loads, shared by mkimage and init's initrd mode.
+//! `kmod` reads a kernel's module index and orders module loads, shared by mkimage and init's initrd mode;
+//! `gpt` reads a disk's partition table and rewrites the A/B slot bits in both copies (the one module here
+//! that writes: mkimage, the updater and init's initramfs share it so there is one reader to get right), with
+//! `crc32` beside it (also init's journal frames).
 //! Does not: start processes, touch cgroups, or interpret `[Container]` / `[X-Fleet]` beyond keeping their raw
 //! keys (those belong to init's runtime and clusterd's scheduler).
 
+pub mod crc32;
 pub mod duration;
 pub mod fleet;
+pub mod gpt;
 pub mod ini;
 pub mod kmod;
 pub mod load;

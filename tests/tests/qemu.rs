@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use keel_image::gpt::{self, SlotBits};
+use keel_model::gpt::{self, SlotBits};
 use keel_tests::image;
 use keel_tests::vm::{self, Vm, VmOptions};
 
@@ -101,7 +101,7 @@ fn slot_b_with_tries_exhausted_falls_back_to_a_by_gpt_bits() {
     ready(&mut first, "B, unblessed");
     drop(first); // power cut: B never gets blessed
 
-    let t = gpt::Table::read(&disk.path).expect("read GPT");
+    let t = gpt::Disk::open(&disk.path).expect("read GPT");
     let b = t.by_label("USR-B").expect("USR-B").slot();
     assert_eq!(b, SlotBits { priority: 2, tries: 0, successful: false }, "tries not written back to the GPT");
 
@@ -219,10 +219,10 @@ fn a_corrupt_usr_slot_is_named_on_the_console_with_a_way_out() {
         return;
     }
     let disk = vm::raw_copy("corrupt-usr").expect("copy image");
-    let t = gpt::Table::read(&disk.path).expect("read GPT");
+    let t = gpt::Disk::open(&disk.path).expect("read GPT");
     let a = t.by_label("USR-A").expect("USR-A");
     let mut f = std::fs::OpenOptions::new().write(true).open(&disk.path).expect("open copy");
-    f.seek(SeekFrom::Start(a.first_lba * gpt::SECTOR)).expect("seek");
+    f.seek(SeekFrom::Start(t.byte_range(a).0)).expect("seek");
     f.write_all(&vec![0u8; 64 * 1024]).expect("zero the erofs superblock");
     drop(f);
     let mut vm = Vm::start(&VmOptions { disk: Some(disk), ..VmOptions::direct("corrupt-usr") }).expect("start VM");

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use keel_image::gpt::{self, SlotBits};
+use keel_model::gpt::{self, SlotBits};
 use keel_image::mkimage::Manifest;
 use keel_tests::image;
 use keel_tests::vm::{self, Disk, Vm, VmOptions};
@@ -365,7 +365,7 @@ fn wait_for_exit(vm: &mut Vm, timeout: Duration, what: &str) -> Duration {
 }
 
 fn slot_bits(disk: &Disk, label: &str) -> SlotBits {
-    gpt::Table::read(&disk.path).expect("read GPT").by_label(label).expect("USR partition").slot()
+    gpt::Disk::open(&disk.path).expect("read GPT").by_label(label).expect("USR partition").slot()
 }
 
 fn os_version(vm: &mut Vm) -> String {

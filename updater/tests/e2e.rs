@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use keel_updater::payload::KeyPair;
-use keel_updater::slot::{Slot, SlotFlags, Slots};
+use keel_updater::slot::{Slot, SlotBits, Slots};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -28,9 +28,9 @@ struct World {
 }
 
 fn partition_bytes(disk: &Path, slot: Slot) -> Vec<u8> {
-    let d = keel_updater::slot::GptDisk::open(disk).expect("gpt");
+    let d = keel_updater::slot::Disk::open(disk).expect("gpt");
     let p = d.by_label(slot.label()).expect("label");
-    let (start, len) = d.byte_range(&p);
+    let (start, len) = d.byte_range(p);
     let mut buf = vec![0u8; len as usize];
     std::os::unix::fs::FileExt::read_exact_at(d.file(), &mut buf, start).expect("read partition");
     buf
@@ -41,9 +41,9 @@ fn world() -> World {
     let disk = make_disk(dir.path());
     // The running slot A holds a recognisable image.
     {
-        let d = keel_updater::slot::GptDisk::open(&disk).expect("gpt");
+        let d = keel_updater::slot::Disk::open_rw(&disk).expect("gpt");
         let p = d.by_label("USR-A").expect("usr-a");
-        let (start, len) = d.byte_range(&p);
+        let (start, len) = d.byte_range(p);
         std::os::unix::fs::FileExt::write_all_at(
             d.file(),
             &pseudo_random(len as usize, 1234),
@@ -214,7 +214,7 @@ fn update_end_to_end_then_reboot_and_bless() {
     let slots = Slots::new(&w.disk, &w.esp);
     assert_eq!(
         slots.flags(Slot::B).expect("flags"),
-        SlotFlags {
+        SlotBits {
             priority: 2,
             tries: 1,
             successful: false
@@ -252,7 +252,7 @@ fn update_end_to_end_then_reboot_and_bless() {
     );
     assert_eq!(
         slots.flags(Slot::B).expect("flags"),
-        SlotFlags {
+        SlotBits {
             priority: 2,
             tries: 0,
             successful: true
@@ -604,7 +604,7 @@ fn health_gate_waits_for_every_required_unit_before_blessing() {
     );
     assert_eq!(
         slots.flags(Slot::B).expect("flags"),
-        SlotFlags {
+        SlotBits {
             priority: 2,
             tries: 0,
             successful: true

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use keel_updater::slot::{KernelEntry, Slot, SlotFlags, Slots};
+use keel_updater::slot::{KernelEntry, Slot, SlotBits, Slots};
 
 fn esp(dir: &std::path::Path) -> std::path::PathBuf {
     let esp = dir.join("esp");
@@ -49,7 +49,7 @@ fn reads_the_bits_sgdisk_set() {
     let slots = Slots::new(&disk, esp(dir.path()));
     assert_eq!(
         slots.flags(Slot::A).expect("flags"),
-        SlotFlags {
+        SlotBits {
             priority: 1,
             tries: 0,
             successful: true
@@ -57,7 +57,7 @@ fn reads_the_bits_sgdisk_set() {
     );
     assert_eq!(
         slots.flags(Slot::B).expect("flags"),
-        SlotFlags {
+        SlotBits {
             priority: 0,
             tries: 0,
             successful: false
@@ -102,7 +102,7 @@ fn install_writes_both_gpt_copies_and_a_counted_kernel_name() {
         .expect("flags from backup");
     assert_eq!(
         flags,
-        SlotFlags {
+        SlotBits {
             priority: 2,
             tries: 1,
             successful: false
@@ -129,7 +129,7 @@ fn bless_removes_counter_and_sets_successful() {
     );
     assert_eq!(
         slots.flags(Slot::B).expect("flags"),
-        SlotFlags {
+        SlotBits {
             priority: 2,
             tries: 0,
             successful: true

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpt::SlotBits;
+use keel_model::gpt::SlotBits;
 
 pub const MIB: u64 = 1024 * 1024;
 /// The first partition starts at 1 MiB; the backup GPT takes the last MiB.
@@ -26,7 +26,7 @@ pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
 /// Discoverable Partitions Specification type GUIDs.
 pub const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-pub const TYPE_USR_X86_64: &str = "8484680C-9521-48C6-9C11-B0720656F69E";
+pub use keel_model::gpt::TYPE_USR_X86_64;
 pub const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 pub const TYPE_LINUX_DATA: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
@@ -118,7 +118,7 @@ impl PartitionSpec {
 
 fn usr_attrs(slot: Slot) -> u64 {
     // apply() only fails for values > 15; the constants above are in range.
-    slot.initial_bits().apply(ATTR_READ_ONLY).unwrap_or(ATTR_READ_ONLY)
+    slot.initial_bits().apply(ATTR_READ_ONLY)
 }
 
 /// The partitions in disk order: 1 EFI-SYSTEM, 2 USR-A, 3 USR-B, 4 OEM, 5 ROOT.

@@ -5,23 +5,18 @@
 //! the disk grew and ROOT is the last partition. Every step is safe to repeat: a crash between the GPT write and
 //! the filesystem resize is finished at the next boot. Does not: touch any partition but ROOT.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use super::gpt::{crc32, parse_copy};
+use super::gpt::Disk;
 
-/// 1 MiB alignment for the partition end, in 512-byte sectors (scaled for larger sectors below).
+/// ROOT's new end is aligned down to 1 MiB.
 const ALIGN_BYTES: u64 = 1 << 20;
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
 }
 
 fn read_at(f: &mut File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -31,18 +26,6 @@ fn read_at(f: &mut File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn write_at(f: &mut File, off: u64, data: &[u8]) -> std::io::Result<()> {
-    f.seek(SeekFrom::Start(off))?;
-    f.write_all(data)
-}
-
-fn seal(h: &mut [u8]) {
-    let hsize = (u32_at(h, 12) as usize).min(h.len());
-    h[16..20].fill(0);
-    let c = crc32(&h[..hsize]);
-    h[16..20].copy_from_slice(&c.to_le_bytes());
-}
-
 /// The outcome of a GPT grow: ROOT's new size in bytes and its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grown {
@@ -50,52 +33,16 @@ pub struct Grown {
     pub len_bytes: u64,
 }
 
-/// Extend partition `number` to the end of a disk that grew. `Ok(None)` when there is nothing to do.
-pub fn grow_gpt(dev: &Path, sector: u64, sectors: u64, number: u32) -> Result<Option<Grown>, String> {
-    let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(|e| format!("open {}: {e}", dev.display()))?;
-    // The primary copy, validated like a read (Table::read may have used the backup when this one is damaged):
-    // its fields decide where everything below is written.
-    let (mut h, mut entries) = parse_copy(&mut f, sector, 1).map_err(|e| format!("primary GPT header: {e}"))?;
-    let last_lba = sectors.checked_sub(1).ok_or("empty disk")?;
-    let count = u32_at(&h, 80) as usize;
-    let esize = u32_at(&h, 84) as usize;
-    let entries_lba = u64_at(&h, 72);
-    let idx = number.checked_sub(1).ok_or("bad partition number")? as usize;
-    let e_off = idx * esize;
-    if e_off + esize > entries.len() {
-        return Err("partition number beyond the entry array".into());
-    }
-    let part_end = u64_at(&entries, e_off + 40);
-    let is_last = entries.chunks_exact(esize).all(|e| e[0..16].iter().all(|b| *b == 0) || u64_at(e, 40) <= part_end);
-    let entry_sectors = (count * esize).div_ceil(sector as usize) as u64;
-    let backup_entries_lba = last_lba.checked_sub(entry_sectors).filter(|l| *l > 1).ok_or("disk too small for a backup GPT")?;
-    let last_usable = backup_entries_lba - 1;
-    let align = (ALIGN_BYTES / sector).max(1);
-    let new_end = (last_usable + 1) / align * align - 1;
-    if !is_last || new_end <= part_end {
+/// Extend partition `number` to the end of a disk that grew (the backup GPT moves to the new end; both copies
+/// are checked and rewritten by `keel_model::gpt`), then tell the kernel. `Ok(None)` when there is nothing to do.
+pub fn grow_gpt(dev: &Path, number: u32) -> Result<Option<Grown>, String> {
+    let mut disk = Disk::open_rw(dev).map_err(|e| e.to_string())?;
+    let Some((first, last)) = disk.grow_to_end(number, ALIGN_BYTES).map_err(|e| e.to_string())? else {
         return Ok(None);
-    }
-    entries[e_off + 40..e_off + 48].copy_from_slice(&new_end.to_le_bytes());
-    let ecrc = crc32(&entries);
-    h[32..40].copy_from_slice(&last_lba.to_le_bytes());
-    h[48..56].copy_from_slice(&last_usable.to_le_bytes());
-    h[88..92].copy_from_slice(&ecrc.to_le_bytes());
-    let mut b = h.clone();
-    b[24..32].copy_from_slice(&last_lba.to_le_bytes());
-    b[32..40].copy_from_slice(&1u64.to_le_bytes());
-    b[72..80].copy_from_slice(&backup_entries_lba.to_le_bytes());
-    seal(&mut h);
-    seal(&mut b);
-    // Backup first: until the primary is rewritten, firmware and tools still see the old, consistent table.
-    write_at(&mut f, backup_entries_lba * sector, &entries).map_err(|e| e.to_string())?;
-    write_at(&mut f, last_lba * sector, &b).map_err(|e| e.to_string())?;
-    f.sync_all().map_err(|e| e.to_string())?;
-    write_at(&mut f, entries_lba * sector, &entries).map_err(|e| e.to_string())?;
-    write_at(&mut f, sector, &h).map_err(|e| e.to_string())?;
-    f.sync_all().map_err(|e| e.to_string())?;
-    let start = u64_at(&entries, e_off + 32);
-    let grown = Grown { start_bytes: start.saturating_mul(sector), len_bytes: (new_end + 1).saturating_sub(start).saturating_mul(sector) };
-    tell_kernel(&f, number, grown)?;
+    };
+    let sector = disk.sector_size();
+    let grown = Grown { start_bytes: first * sector, len_bytes: (last - first + 1) * sector };
+    tell_kernel(disk.file(), number, grown)?;
     Ok(Some(grown))
 }
 

@@ -66,7 +66,7 @@ fn log(msg: &str) {
 #[derive(Debug, Clone)]
 struct Found {
     disk: String,
-    usr: gpt::Entry,
+    usr: gpt::Partition,
     usr_dev: PathBuf,
     root_dev: PathBuf,
     source: &'static str,
@@ -188,7 +188,7 @@ fn partition_dev(disk: &str, number: u32) -> Option<PathBuf> {
     None
 }
 
-fn matches(e: &gpt::Entry, r: &PartRef) -> bool {
+fn matches(e: &gpt::Partition, r: &PartRef) -> bool {
     match r {
         PartRef::Label(l) => e.name == *l,
         PartRef::Uuid(u) => e.part_guid.eq_ignore_ascii_case(u),
@@ -202,12 +202,8 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
     let mut last_problem = String::from("no disk appeared");
     loop {
         for disk in disks() {
-            let sysd = Path::new("/sys/class/block").join(&disk);
-            let sector = read_u64(&sysd.join("queue/logical_block_size")).unwrap_or(512);
-            let sectors512 = read_u64(&sysd.join("size")).unwrap_or(0);
-            let sectors = sectors512 * 512 / sector.max(1);
             let dev = Path::new("/dev").join(&disk);
-            let mut table = match gpt::Table::read(&dev, sector, sectors) {
+            let table = match gpt::read(&dev) {
                 Ok(Some(t)) => t,
                 Ok(None) => continue,
                 Err(e) => {
@@ -218,20 +214,21 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
                     continue;
                 }
             };
-            let has_root = table.entries.iter().any(|e| matches(e, &cmd.root));
-            let has_usr = table.entries.iter().any(gpt::Entry::is_usr);
+            let parts = table.partitions();
+            let has_root = parts.iter().any(|e| matches(e, &cmd.root));
+            let has_usr = parts.iter().any(gpt::Partition::is_usr);
             if !has_root && !has_usr {
                 continue;
             }
-            if table.used_backup && reported.insert(format!("backup:{disk}")) {
+            if table.used_backup() && reported.insert(format!("backup:{disk}")) {
                 log(&format!("/dev/{disk}: primary GPT damaged, using the backup copy"));
             }
             if reported.insert(format!("table:{disk}")) {
-                for e in table.entries.iter().filter(|e| e.is_usr()) {
-                    log(&format!("/dev/{disk} slot {}", e.describe()));
+                for e in parts.iter().filter(|e| e.is_usr()) {
+                    log(&format!("/dev/{disk} slot {}", gpt::describe(e)));
                 }
             }
-            let Some(root) = table.entries.iter().find(|e| matches(e, &cmd.root)).cloned() else {
+            let Some(root) = parts.iter().find(|e| matches(e, &cmd.root)).cloned() else {
                 return Err(fatal(
                     format!("/dev/{disk} has USR partitions but no ROOT partition ({})", cmd.root),
                     "the disk is not a complete Keel disk: rewrite it from keel.img, or name the state \
@@ -239,7 +236,7 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
                 ));
             };
             let (usr, source) = match &cmd.usr {
-                Some(r) => match table.entries.iter().find(|e| matches(e, r)) {
+                Some(r) => match parts.iter().find(|e| matches(e, r)) {
                     Some(e) => (e.clone(), "command line"),
                     None => {
                         return Err(fatal(
@@ -248,10 +245,10 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
                         ))
                     }
                 },
-                None => match table.choose_usr().cloned() {
+                None => match gpt::choose_usr(parts).cloned() {
                     Some(e) => {
-                        if e.tries() > 0 && !e.successful() {
-                            match table.decrement_tries(&dev, e.number) {
+                        if e.slot().tries > 0 && !e.slot().successful {
+                            match gpt::count_attempt(&dev, e.number) {
                                 Ok(left) => log(&format!("{}: boot attempt counted, tries left {left}", e.name)),
                                 Err(err) => log(&format!("{}: cannot count the boot attempt: {err}", e.name)),
                             }
@@ -268,7 +265,7 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
             };
             match (partition_dev(&disk, usr.number), partition_dev(&disk, root.number)) {
                 (Some(usr_dev), Some(root_dev)) => {
-                    match grow::grow_gpt(&dev, sector, sectors, root.number) {
+                    match grow::grow_gpt(&dev, root.number) {
                         Ok(Some(g)) => log(&format!("disk grew: ROOT extended to {} MiB", g.len_bytes >> 20)),
                         Ok(None) => {}
                         Err(e) => log(&format!("cannot grow ROOT to the end of /dev/{disk}: {e} (booting as is)")),

@@ -21,36 +21,8 @@ pub(super) const FRAME_HDR: usize = 12;
 /// escapes to at most 6x in JSON, plus a long unit name; anything larger is corruption.
 pub(super) const MAX_PAYLOAD: u32 = 256 * 1024;
 
-const CRC_TABLE: [u32; 256] = make_crc_table();
-
-const fn make_crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-}
-
-/// CRC-32/IEEE (the zlib/PNG/Ethernet one): reflected, poly 0xEDB88320, init and xorout 0xFFFFFFFF.
-pub(super) fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c = CRC_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8);
-    }
-    c ^ 0xFFFF_FFFF
-}
+/// Frames carry a CRC-32/IEEE of their payload (`keel_model::crc32`, the one GPT headers use too).
+pub(super) use keel_model::crc32::crc32;
 
 /// The record as written (short keys keep segments compact).
 #[derive(Serialize)]
@@ -249,12 +221,6 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_known_vector() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
 
     #[test]
     fn frame_roundtrip_and_resync() {

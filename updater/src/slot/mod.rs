@@ -7,13 +7,11 @@
 //! Does not: download, verify or write partition contents (see `payload`), or decide when to reboot or
 //! whether the system is healthy (see `engine`).
 
-pub mod gpt;
-
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use gpt::{GptDisk, GptError, Partition};
+pub use keel_model::gpt::{Disk, GptError, Partition, SlotBits};
 
 use crate::payload::apply::Window;
 
@@ -56,40 +54,6 @@ impl Slot {
 impl std::fmt::Display for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.label())
-    }
-}
-
-/// The three cgpt fields packed in a GPT attribute word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct SlotFlags {
-    pub priority: u8,
-    pub tries: u8,
-    pub successful: bool,
-}
-
-const PRIO_SHIFT: u32 = 48;
-const TRIES_SHIFT: u32 = 52;
-const SUCCESS_BIT: u32 = 56;
-const FLAG_MASK: u64 = (0xff << PRIO_SHIFT) | (1 << SUCCESS_BIT);
-
-impl SlotFlags {
-    pub fn from_attributes(a: u64) -> SlotFlags {
-        SlotFlags {
-            priority: ((a >> PRIO_SHIFT) & 0xf) as u8,
-            tries: ((a >> TRIES_SHIFT) & 0xf) as u8,
-            successful: (a >> SUCCESS_BIT) & 1 == 1,
-        }
-    }
-    /// Replaces the cgpt bits of `a`, keeping every other attribute bit.
-    pub fn apply_to(self, a: u64) -> u64 {
-        (a & !FLAG_MASK)
-            | ((self.priority as u64 & 0xf) << PRIO_SHIFT)
-            | ((self.tries as u64 & 0xf) << TRIES_SHIFT)
-            | ((self.successful as u64) << SUCCESS_BIT)
-    }
-    /// Bootable by gptprio's rule: priority > 0 and (tries > 0 or successful).
-    pub fn bootable(self) -> bool {
-        self.priority > 0 && (self.tries > 0 || self.successful)
     }
 }
 
@@ -163,7 +127,7 @@ type Result<T> = std::result::Result<T, SlotError>;
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotStatus {
     pub slot: Slot,
-    pub flags: SlotFlags,
+    pub flags: SlotBits,
     pub partition_uuid: String,
     pub kernel: Option<KernelEntry>,
 }
@@ -216,33 +180,32 @@ impl Slots {
     }
 
     pub fn status(&self) -> Result<Vec<SlotStatus>> {
-        let disk = GptDisk::open(&self.disk)?;
+        let disk = Disk::open(&self.disk)?;
         [Slot::A, Slot::B]
             .into_iter()
             .map(|s| {
                 let p = disk.by_label(s.label())?;
                 Ok(SlotStatus {
                     slot: s,
-                    flags: SlotFlags::from_attributes(p.attributes),
-                    partition_uuid: p.unique_guid,
+                    flags: SlotBits::from_attrs(p.attrs),
+                    partition_uuid: p.part_guid.clone(),
                     kernel: self.kernels(s)?.into_iter().next(),
                 })
             })
             .collect()
     }
 
-    pub fn flags(&self, slot: Slot) -> Result<SlotFlags> {
-        let disk = GptDisk::open(&self.disk)?;
-        Ok(SlotFlags::from_attributes(
-            disk.by_label(slot.label())?.attributes,
+    pub fn flags(&self, slot: Slot) -> Result<SlotBits> {
+        let disk = Disk::open(&self.disk)?;
+        Ok(SlotBits::from_attrs(
+            disk.by_label(slot.label())?.attrs,
         ))
     }
 
-    fn set_flags(&self, changes: &[(Slot, SlotFlags)]) -> Result<()> {
-        let mut disk = GptDisk::open(&self.disk)?;
-        for (slot, f) in changes {
-            let p = disk.by_label(slot.label())?;
-            disk.set_attributes(p.index, f.apply_to(p.attributes));
+    fn set_flags(&self, changes: &[(Slot, SlotBits)]) -> Result<()> {
+        let mut disk = Disk::open_rw(&self.disk)?;
+        for (slot, bits) in changes {
+            disk.set_slot(slot.label(), *bits)?;
         }
         disk.write()?;
         Ok(())
@@ -250,9 +213,9 @@ impl Slots {
 
     /// A write window over `slot`'s partition (for [`crate::payload::apply`]).
     pub fn partition_window(&self, slot: Slot) -> Result<Window> {
-        let disk = GptDisk::open(&self.disk)?;
+        let disk = Disk::open(&self.disk)?;
         let p = disk.by_label(slot.label())?;
-        let (start, len) = disk.byte_range(&p);
+        let (start, len) = disk.byte_range(p);
         let f = std::fs::File::options()
             .write(true)
             .open(&self.disk)
@@ -275,7 +238,7 @@ impl Slots {
     pub fn clear(&self, slot: Slot) -> Result<()> {
         self.set_flags(&[(
             slot,
-            SlotFlags {
+            SlotBits {
                 priority: 0,
                 tries: 0,
                 successful: false,
@@ -318,7 +281,7 @@ impl Slots {
         let prio = (other.priority + 1).clamp(2, 15);
         let mut changes = vec![(
             slot,
-            SlotFlags {
+            SlotBits {
                 priority: prio,
                 tries: 1,
                 successful: false,
@@ -327,7 +290,7 @@ impl Slots {
         if other.priority >= prio {
             changes.push((
                 slot.other(),
-                SlotFlags {
+                SlotBits {
                     priority: prio - 1,
                     ..other
                 },
@@ -352,7 +315,7 @@ impl Slots {
         let f = self.flags(slot)?;
         self.set_flags(&[(
             slot,
-            SlotFlags {
+            SlotBits {
                 priority: f.priority.max(1),
                 tries: 0,
                 successful: true,
@@ -403,13 +366,13 @@ impl Slots {
         self.set_flags(&[
             (
                 target,
-                SlotFlags {
+                SlotBits {
                     priority: 2,
                     tries: if tf.successful { 0 } else { 1 },
                     successful: tf.successful,
                 },
             ),
-            (running, SlotFlags { priority: 1, ..rf }),
+            (running, SlotBits { priority: 1, ..rf }),
         ])?;
         Ok(target)
     }
