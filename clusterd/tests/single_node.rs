@@ -336,3 +336,15 @@ fn the_snapshot_lives_in_its_own_file_and_a_compacted_log_without_it_is_refused(
     c.wait_ready();
     assert_eq!(c.value(0, "/s/k49", false).as_deref(), Some("v399"));
 }
+
+/// The port allocator every multi-process suite uses (common/ports.rs).
+#[test]
+fn no_port_is_handed_out_twice() {
+    // 2,000 ports from a ≈ 28,000-port range: plain bind-and-close repeats some (the birthday bound expects
+    // dozens), this must not.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..2000 {
+        let port = common::free_port("127.0.0.254");
+        assert!(seen.insert(port), "port {port} handed out twice");
+    }
+}

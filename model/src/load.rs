@@ -30,24 +30,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::ini::IniFile;
-use crate::name::UnitName;
+use crate::name::{UnitName, OTHER_SYSTEMD_TYPES};
 use crate::{Diagnostic, Severity, Unit};
 
 /// The directories units are searched in, highest priority first.
 pub const DEFAULT_DIRS: [&str; 3] = ["/etc/keel/units", "/run/keel/units", "/usr/lib/keel/units"];
-
-/// systemd unit types Keel does not run; files of these types are reported and skipped.
-const OTHER_SYSTEMD_TYPES: &[&str] = &[
-    "socket",
-    "mount",
-    "automount",
-    "device",
-    "swap",
-    "path",
-    "timer",
-    "slice",
-    "scope",
-];
 
 #[derive(Debug, Clone)]
 pub struct UnitLoader {

@@ -15,6 +15,11 @@ use serde::Serialize;
 /// Longest valid unit name, in bytes (systemd's `UNIT_NAME_MAX`).
 pub const MAX_NAME_LEN: usize = 255;
 
+/// systemd unit types Keel does not run: files of these types are reported and skipped, and a dependency on
+/// one is dropped with a warning, not an error.
+pub(crate) const OTHER_SYSTEMD_TYPES: &[&str] =
+    &["socket", "mount", "automount", "device", "swap", "path", "timer", "slice", "scope"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnitKind {

@@ -373,6 +373,33 @@ fn os_version(vm: &mut Vm) -> String {
     out.stdout.trim().to_string()
 }
 
+/// After the scheduled check installed 2.0.0 into B: the engine waits for a reboot, B is preferred with one
+/// try (GPT bits and boot-counted UKI) and the server heard 3/1. Returns the status and how long it took.
+fn expect_installed_v2(vm: &mut Vm, disk: &Disk, server: &Server) -> (Value, Duration) {
+    let (st, apply) = wait_status(vm, "UPDATED_NEED_REBOOT", APPLY, |s| s["state"] == "UPDATED_NEED_REBOOT");
+    assert_eq!(st["new_version"], "2.0.0", "{st}");
+    assert_eq!(slot_bits(disk, "USR-B"), SlotBits { priority: 2, tries: 1, successful: false }, "B after install");
+    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
+    assert!(esp.stdout.contains("keel-2.0.0-usr-b+1-0.efi"), "no boot-counted UKI for B on the ESP: {}", esp.stdout);
+    assert!(server.has_event(3, 1, |_| true), "server never saw 3/1: {}", server.machine());
+    (st, apply)
+}
+
+/// After the reboot into B: it runs 2.0.0, the health gate blesses it (GPT bits and the UKI's plain name) and
+/// the server hears 3/2 from previous version 1.0.0. Returns how long the blessing took after boot.
+fn expect_blessed_v2(vm: &mut Vm, disk: &Disk, server: &Server) -> Duration {
+    assert_eq!(os_version(vm), "2.0.0", "the new slot does not run 2.0.0");
+    let (st, bless) = wait_status(vm, "the health gate blessing B", Duration::from_secs(120), |s| s["health"] == "good");
+    assert_eq!(st["current_version"], "2.0.0");
+    assert_eq!(slot_bits(disk, "USR-B"), SlotBits { priority: 2, tries: 0, successful: true }, "B not blessed in the GPT");
+    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
+    assert!(esp.stdout.contains("keel-2.0.0-usr-b.efi"), "B's UKI still counts boots after the blessing: {}", esp.stdout);
+    wait_until("the server seeing 3/2 with previousversion 1.0.0", Duration::from_secs(30), || {
+        server.has_event(3, 2, |e| e["previous_version"] == "1.0.0")
+    });
+    bless
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Tests
 
@@ -407,27 +434,14 @@ fn v1_updates_to_v2_reboots_and_blesses_it() {
     let (_, download) = wait_status(&mut vm, "the scheduled check starting the download", APPLY, |s| {
         matches!(s["state"].as_str(), Some("DOWNLOADING" | "VERIFYING" | "FINALIZING" | "UPDATED_NEED_REBOOT"))
     });
-    let (st, apply) = wait_status(&mut vm, "UPDATED_NEED_REBOOT", APPLY, |s| s["state"] == "UPDATED_NEED_REBOOT");
-    assert_eq!(st["new_version"], "2.0.0", "{st}");
-    assert_eq!(slot_bits(&disk, "USR-B"), SlotBits { priority: 2, tries: 1, successful: false }, "B after install");
-    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
-    assert!(esp.stdout.contains("keel-2.0.0-usr-b+1-0.efi"), "no boot-counted UKI for B on the ESP: {}", esp.stdout);
-    assert!(server.has_event(3, 1, |_| true), "server never saw 3/1: {}", server.machine());
+    let (st, apply) = expect_installed_v2(&mut vm, &disk, &server);
     let bytes = st["bytes_total"].as_u64().unwrap_or(0);
 
     let rebooted = Instant::now();
     let down = reboot(vm);
     let (mut vm, ready2) = boot(&o, "USR-B");
-    assert_eq!(os_version(&mut vm), "2.0.0", "the new slot does not run 2.0.0");
-    let (st, bless) = wait_status(&mut vm, "the health gate blessing B", Duration::from_secs(120), |s| s["health"] == "good");
+    let bless = expect_blessed_v2(&mut vm, &disk, &server);
     let reboot_to_blessed = rebooted.elapsed();
-    assert_eq!(st["current_version"], "2.0.0");
-    assert_eq!(slot_bits(&disk, "USR-B"), SlotBits { priority: 2, tries: 0, successful: true }, "B not blessed in the GPT");
-    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
-    assert!(esp.stdout.contains("keel-2.0.0-usr-b.efi"), "B's UKI still counts boots: {}", esp.stdout);
-    wait_until("the server seeing 3/2 with previousversion 1.0.0", Duration::from_secs(30), || {
-        server.has_event(3, 2, |e| e["previous_version"] == "1.0.0")
-    });
     let m = server.machine();
     assert_eq!(m["version"], "2.0.0", "{m}");
     assert_eq!(m["state"], "complete", "{m}");
@@ -465,25 +479,15 @@ fn a_uefi_machine_updates_to_v2_through_systemd_boot() {
 
     let (mut vm, _) = boot(&o, "USR-A");
     assert_eq!(os_version(&mut vm), "1.0.0");
-    let (st, _) = wait_status(&mut vm, "UPDATED_NEED_REBOOT", APPLY, |s| s["state"] == "UPDATED_NEED_REBOOT");
-    assert_eq!(st["new_version"], "2.0.0", "{st}");
-    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
-    assert!(esp.stdout.contains("keel-2.0.0-usr-b+1-0.efi"), "no boot-counted UKI for B on the ESP: {}", esp.stdout);
+    expect_installed_v2(&mut vm, &disk, &server);
     let vars = vm.vars.clone();
     assert!(vars.is_some(), "a UEFI VM has OVMF vars");
     reboot(vm);
 
+    // The same OVMF variables: systemd-boot must pick B's boot-counted UKI by itself.
     let o = VmOptions { vars, ..o };
     let (mut vm, _) = boot(&o, "USR-B");
-    assert_eq!(os_version(&mut vm), "2.0.0", "systemd-boot did not boot the new slot");
-    let (st, _) = wait_status(&mut vm, "the health gate blessing B", Duration::from_secs(120), |s| s["health"] == "good");
-    assert_eq!(st["current_version"], "2.0.0");
-    assert_eq!(slot_bits(&disk, "USR-B"), SlotBits { priority: 2, tries: 0, successful: true }, "B not blessed in the GPT");
-    let esp = vm.run("ls /efi/EFI/Linux/", CMD).expect("ls ESP");
-    assert!(esp.stdout.contains("keel-2.0.0-usr-b.efi"), "B's UKI still counts boots after the blessing: {}", esp.stdout);
-    wait_until("the server seeing 3/2 with previousversion 1.0.0", Duration::from_secs(30), || {
-        server.has_event(3, 2, |e| e["previous_version"] == "1.0.0")
-    });
+    expect_blessed_v2(&mut vm, &disk, &server);
     let _ = vm.shutdown(Duration::from_secs(30));
 }
 

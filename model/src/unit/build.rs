@@ -40,22 +40,9 @@ use super::{
 };
 use crate::duration::parse_timespan;
 use crate::ini::{Entry, IniFile};
-use crate::name::{expand_specifiers, UnitKind, UnitName};
+use crate::name::{expand_specifiers, UnitKind, UnitName, OTHER_SYSTEMD_TYPES};
 use crate::values::{parse_bool, parse_percent, parse_size, split_words};
 use crate::{Diagnostic, Severity};
-
-/// systemd unit types Keel does not run: a dependency on one is dropped with a warning, not an error.
-const OTHER_SYSTEMD_TYPES: &[&str] = &[
-    "socket",
-    "mount",
-    "automount",
-    "device",
-    "swap",
-    "path",
-    "timer",
-    "slice",
-    "scope",
-];
 
 pub(super) fn build(
     name: UnitName,
