@@ -110,6 +110,38 @@ fn slot_b_with_tries_exhausted_falls_back_to_a_by_gpt_bits() {
     ready(&mut second, "fallback to A");
 }
 
+/// A damaged primary GPT (LBA 1 zeroed, as by a stray write): Linux then creates no partition devices (it reads
+/// the backup only with `gpt` on its command line), so the initramfs rebuilds the primary from the backup (as the
+/// UEFI spec asks), has the kernel re-read the partitions, and boots by the backup's slot bits.
+#[test]
+fn a_damaged_primary_gpt_boots_from_the_backup_copy_and_is_rebuilt() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let disk = vm::raw_copy("gpt-backup").expect("copy image");
+    gpt::set_slot_bits(&disk.path, "USR-B", SlotBits { priority: 2, tries: 1, successful: false }).expect("set bits");
+    let sector = gpt::Disk::open(&disk.path).expect("read GPT").sector_size();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk.path).expect("open copy");
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; sector as usize], sector).expect("zero the primary header");
+    drop(f);
+    assert!(gpt::Disk::open(&disk.path).expect("the backup copy reads").used_backup());
+    let opts = VmOptions { slot: None, disk: Some(disk.clone()), ..VmOptions::direct("gpt-backup") };
+
+    let mut vm = Vm::start(&opts).expect("start VM");
+    vm.wait_for("the primary GPT copy was damaged: rebuilt from the backup, partitions re-read", BOOT)
+        .expect("the initramfs rebuilds the primary");
+    vm.wait_for("USR: USR-B", BOOT).expect("the backup's bits choose B (priority 2, one try)");
+    vm.wait_for("USR-B: boot attempt counted, tries left 0", BOOT).expect("the try is counted");
+    ready(&mut vm, "from the backup GPT");
+    drop(vm); // power cut before anything could bless B
+
+    let d = gpt::Disk::open(&disk.path).expect("read GPT");
+    assert!(!d.damaged(), "the primary GPT was not rebuilt");
+    let b = d.by_label("USR-B").expect("USR-B").slot();
+    assert_eq!(b, SlotBits { priority: 2, tries: 0, successful: false }, "the counted try is not in the GPT");
+}
+
 fn esp_rename(disk: &Path, from: &str, to: &str) {
     let img = format!("{}@@1048576", disk.display());
     let out = Command::new("mmove")

@@ -1,8 +1,9 @@
 //! The initramfs's use of the GPT: read a disk's table, choose a USR slot by its bits, count a boot attempt.
 //!
 //! Owns: the ChromeOS/Flatcar slot rule (the highest priority among USR partitions with tries left or marked
-//! successful, the lower partition number on a tie) and counting a try down in both GPT copies before a slot
-//! that is not yet successful is booted.
+//! successful, the lower partition number on a tie), counting a try down in both GPT copies before a slot
+//! that is not yet successful is booted, and rebuilding a damaged GPT copy from the good one at boot (then
+//! asking the kernel to re-read the partitions, which it does not find without a valid primary).
 //! Does not: parse or write the table itself (`keel_model::gpt`, shared with the updater and mkimage), bless a
 //! slot (the updater's health gate sets `successful`), or mount anything.
 
@@ -39,6 +40,34 @@ pub fn describe(p: &Partition) -> String {
         u8::from(s.successful),
         p.part_guid
     )
+}
+
+/// One copy of `table` (read from `dev`, named `disk` in messages) is damaged: rebuild it from the other, as
+/// the UEFI spec asks of whoever finds it, and when it was the primary, have the kernel read the partitions
+/// again (without a valid primary and without `gpt` on its command line, Linux creates no partition devices).
+/// Returns the line to log.
+pub fn repair(dev: &Path, disk: &str, table: &Disk) -> String {
+    let which = if table.used_backup() { "primary" } else { "backup" };
+    let rebuilt = Disk::open_rw(dev).and_then(|mut d| d.write().map(|()| d));
+    match rebuilt {
+        Err(e) => format!("/dev/{disk}: the {which} GPT copy is damaged and was not rebuilt: {e} (booting from the other)"),
+        Ok(d) if which == "primary" => match reread_partitions(d.file()) {
+            Ok(()) => format!("/dev/{disk}: the primary GPT copy was damaged: rebuilt from the backup, partitions re-read"),
+            Err(e) => format!("/dev/{disk}: the primary GPT copy was damaged: rebuilt from the backup; re-reading partitions: {e}"),
+        },
+        Ok(_) => format!("/dev/{disk}: the backup GPT copy was damaged: rebuilt from the primary"),
+    }
+}
+
+/// `BLKRRPART`: the kernel drops and re-reads the disk's partitions (fails with EBUSY while one is in use).
+fn reread_partitions(disk: &std::fs::File) -> Result<(), std::io::Error> {
+    const BLKRRPART: libc::c_ulong = 0x125F; // _IO(0x12, 95)
+    // SAFETY: BLKRRPART takes no argument; the fd is an open block device for the duration of the call.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(disk), BLKRRPART) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Count one boot attempt on partition `number` of `dev` (tries - 1) in both GPT copies. Returns the tries left.

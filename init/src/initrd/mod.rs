@@ -220,8 +220,8 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
             if !has_root && !has_usr {
                 continue;
             }
-            if table.used_backup() && reported.insert(format!("backup:{disk}")) {
-                log(&format!("/dev/{disk}: primary GPT damaged, using the backup copy"));
+            if table.damaged() && reported.insert(format!("damaged:{disk}")) {
+                log(&gpt::repair(&dev, &disk, &table));
             }
             if reported.insert(format!("table:{disk}")) {
                 for e in parts.iter().filter(|e| e.is_usr()) {
@@ -246,15 +246,7 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
                     }
                 },
                 None => match gpt::choose_usr(parts).cloned() {
-                    Some(e) => {
-                        if e.slot().tries > 0 && !e.slot().successful {
-                            match gpt::count_attempt(&dev, e.number) {
-                                Ok(left) => log(&format!("{}: boot attempt counted, tries left {left}", e.name)),
-                                Err(err) => log(&format!("{}: cannot count the boot attempt: {err}", e.name)),
-                            }
-                        }
-                        (e, "GPT priority")
-                    }
+                    Some(e) => (e, "GPT priority"),
                     None => {
                         return Err(fatal(
                             format!("/dev/{disk}: no bootable USR slot (every slot has priority 0, or no tries left and not successful)"),
@@ -265,6 +257,14 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
             };
             match (partition_dev(&disk, usr.number), partition_dev(&disk, root.number)) {
                 (Some(usr_dev), Some(root_dev)) => {
+                    // Counted only now that the boot goes ahead: a pass that waits for device nodes must not
+                    // spend the slot's one try.
+                    if source == "GPT priority" && usr.slot().tries > 0 && !usr.slot().successful {
+                        match gpt::count_attempt(&dev, usr.number) {
+                            Ok(left) => log(&format!("{}: boot attempt counted, tries left {left}", usr.name)),
+                            Err(err) => log(&format!("{}: cannot count the boot attempt: {err}", usr.name)),
+                        }
+                    }
                     match grow::grow_gpt(&dev, root.number) {
                         Ok(Some(g)) => log(&format!("disk grew: ROOT extended to {} MiB", g.len_bytes >> 20)),
                         Ok(None) => {}
