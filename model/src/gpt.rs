@@ -255,6 +255,16 @@ fn parse_entries(raw: &[u8], hdr: &Header) -> std::result::Result<Vec<Partition>
     Ok(out)
 }
 
+/// Which GPT copies read clean (at least one always does, or there is no `Disk`).
+#[derive(Debug, Clone)]
+enum Copies {
+    Both { primary: Header, backup: Header },
+    /// The backup is damaged, missing, or of another shape than the primary.
+    Primary(Header),
+    /// The primary is damaged: the table was read from the backup.
+    Backup(Header),
+}
+
 /// One checked copy: header, raw entry array, and its partitions.
 type CheckedCopy = (Header, Vec<u8>, Vec<Partition>);
 
@@ -265,9 +275,8 @@ pub struct Disk {
     file: File,
     sector: u64,
     sectors: u64,
-    /// `None` when that copy is damaged: [`Disk::write`] rebuilds it from the other.
-    primary: Option<Header>,
-    backup: Option<Header>,
+    /// The copies that read clean: [`Disk::write`] rebuilds a missing one from the other.
+    copies: Copies,
     /// Where a rebuilt backup goes: the primary's alternate LBA if on the disk, else the last sector.
     backup_lba: u64,
     entries: Vec<u8>,
@@ -315,19 +324,19 @@ impl Disk {
         let alt = primary.as_ref().map(|(h, _, _)| h.alt_lba).unwrap_or(last);
         let backup_lba = if alt <= 1 || alt > last { last } else { alt };
         let backup = read_copy(backup_lba);
-        let (primary, backup, entries, partitions) = match (primary, backup) {
-            (Ok((p, e, parts)), b) => {
+        let (copies, entries, partitions) = match (primary, backup) {
+            (Ok((p, e, parts)), b) => match b {
                 // A backup that disagrees on the array's shape or the usable area cannot take the primary's
                 // entries: it counts as damaged and is rebuilt from the primary at the next write.
-                let b = b.ok().map(|(h, _, _)| h).filter(|b| same_shape(&p, b));
-                (Some(p), b, e, parts)
-            }
-            (Err(_), Ok((b, e, parts))) => (None, Some(b), e, parts),
+                Ok((b, _, _)) if same_shape(&p, &b) => (Copies::Both { primary: p, backup: b }, e, parts),
+                _ => (Copies::Primary(p), e, parts),
+            },
+            (Err(_), Ok((b, e, parts))) => (Copies::Backup(b), e, parts),
             (Err(a), Err(b)) => {
                 return Err(GptError::Corrupt { path: path.into(), what: format!("primary: {a}; backup: {b}") })
             }
         };
-        Ok(Disk { path: path.into(), file, sector, sectors, primary, backup, backup_lba, entries, partitions })
+        Ok(Disk { path: path.into(), file, sector, sectors, copies, backup_lba, entries, partitions })
     }
 
     pub fn path(&self) -> &Path {
@@ -350,12 +359,12 @@ impl Disk {
 
     /// The primary copy is damaged and the table was read from the backup.
     pub fn used_backup(&self) -> bool {
-        self.primary.is_none()
+        matches!(self.copies, Copies::Backup(_))
     }
 
     /// One of the two copies is damaged ([`Disk::write`] rebuilds it).
     pub fn damaged(&self) -> bool {
-        self.primary.is_none() || self.backup.is_none()
+        !matches!(self.copies, Copies::Both { .. })
     }
 
     /// Every used entry, in entry-array order.
@@ -398,10 +407,8 @@ impl Disk {
 
     /// The header the table was read from (the primary unless it is damaged).
     fn header(&self) -> &Header {
-        match (&self.primary, &self.backup) {
-            (Some(h), _) | (None, Some(h)) => h,
-            // `open_mode` never builds a Disk without a good copy.
-            (None, None) => unreachable!("a Disk always has a good GPT copy"),
+        match &self.copies {
+            Copies::Both { primary: h, .. } | Copies::Primary(h) | Copies::Backup(h) => h,
         }
     }
 
@@ -432,9 +439,9 @@ impl Disk {
 
     fn pair_as_read(&self) -> Result<(Header, Header)> {
         let no_room = |which, what: String| GptError::NoRoom { path: self.path.clone(), which, what };
-        match (&self.primary, &self.backup) {
-            (Some(p), Some(b)) => Ok((p.clone(), b.clone())),
-            (Some(p), None) => {
+        match &self.copies {
+            Copies::Both { primary, backup } => Ok((primary.clone(), backup.clone())),
+            Copies::Primary(p) => {
                 let at = self.backup_lba;
                 let entries_lba = at.checked_sub(p.entry_sectors(self.sector)).filter(|l| *l > p.last_usable);
                 let Some(entries_lba) = entries_lba else {
@@ -443,14 +450,13 @@ impl Disk {
                 let b = Header { my_lba: at, entries_lba, ..p.clone() };
                 Ok((p.clone(), b))
             }
-            (None, Some(b)) => {
+            Copies::Backup(b) => {
                 if 2 + b.entry_sectors(self.sector) > b.first_usable {
                     return Err(no_room("primary", format!("its entry array does not fit before LBA {}", b.first_usable)));
                 }
                 let p = Header { my_lba: 1, entries_lba: 2, ..b.clone() };
                 Ok((p, b.clone()))
             }
-            (None, None) => unreachable!("a Disk always has a good GPT copy"),
         }
     }
 
@@ -472,8 +478,7 @@ impl Disk {
                 .map_err(io(format!("writing the GPT header at LBA {}", h.my_lba)))?;
             self.file.sync_data().map_err(io("syncing the GPT".into()))?;
         }
-        self.primary = Some(p);
-        self.backup = Some(b);
+        self.copies = Copies::Both { primary: p, backup: b };
         Ok(())
     }
 
@@ -509,8 +514,7 @@ impl Disk {
         }
         p.last_usable = last_usable;
         b = Header { my_lba: last, entries_lba: backup_entries, last_usable, ..b };
-        self.primary = Some(p);
-        self.backup = Some(b);
+        self.copies = Copies::Both { primary: p, backup: b };
         self.backup_lba = last;
         self.write()?;
         Ok(Some((first, new_end)))
