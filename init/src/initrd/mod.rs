@@ -258,8 +258,8 @@ fn find(cmd: &Cmdline) -> Result<Found, Fatal> {
             match (partition_dev(&disk, usr.number), partition_dev(&disk, root.number)) {
                 (Some(usr_dev), Some(root_dev)) => {
                     // Counted only now that the boot goes ahead: a pass that waits for device nodes must not
-                    // spend the slot's one try.
-                    if source == "GPT priority" && usr.slot().tries > 0 && !usr.slot().successful {
+                    // spend the slot's one try. Only a slot the GPT bits chose (no keel.usr=) is counted.
+                    if cmd.usr.is_none() && usr.slot().tries > 0 && !usr.slot().successful {
                         match gpt::count_attempt(&dev, usr.number) {
                             Ok(left) => log(&format!("{}: boot attempt counted, tries left {left}", usr.name)),
                             Err(err) => log(&format!("{}: cannot count the boot attempt: {err}", usr.name)),
