@@ -21,6 +21,8 @@ Run one member of Keel's cluster store: a key-value store replicated with Raft (
 
 Clients talk to --listen-client-urls (/v2/keys, /v2/members, /health, /version, /metrics). Members talk to each other on --listen-peer-urls; every peer request carries --cluster-token and a member with another token is refused.
 
+Under an init that sets NOTIFY_SOCKET (a `Type=notify` unit, as in Keel's image), clusterd reports READY=1 once its client and peer listeners are bound, before a quorum exists, so units ordered after it find the API answering.
+
 A new static cluster forms by itself: start every member with the same --initial-cluster. A member restarted with its data directory rejoins with its data; a damaged store makes it refuse to start. To grow a cluster, run `clusterctl member add NAME PEER-URL`, then start the new member with --initial-cluster-state existing.
 
 EXAMPLES
@@ -309,6 +311,24 @@ fn fleet_agent_config(a: &Args, cfg: &Config) -> anyhow::Result<Option<AgentConf
     }))
 }
 
+/// Tell a supervising init that clients can connect now (sd_notify `READY=1` on `$NOTIFY_SOCKET`, for
+/// `Type=notify` units under Keel's init or systemd, as etcd does). Sent once the client and peer listeners are
+/// bound, not once a quorum is reached: the first member of a new cluster must not hold up its machine's boot
+/// until the others come up. A failure to send is logged; the member keeps serving.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let addr = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &a));
+    if let Err(e) = sent {
+        tracing::warn!("cannot tell init this member is ready (NOTIFY_SOCKET={}): {e}", path.to_string_lossy());
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let mut raw = std::env::args_os();
     if raw.nth(1).is_some_and(|a| a == "__check-store") {
@@ -376,6 +396,7 @@ fn main() -> anyhow::Result<()> {
             );
             agent::start(agent_cfg).context("starting the fleet agent")?;
         }
+        notify_ready();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
         tokio::select! {
             _ = term.recv() => {}

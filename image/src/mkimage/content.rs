@@ -115,7 +115,7 @@ exec /usr/bin/clusterd "$@"
 pub const CLUSTERD_UNIT: &str = "[Unit]\n\
 Description=Keel cluster store (Raft-replicated KV, etcd v2 API) and fleet engine\n\
 Wants=keel-loopback.service\nAfter=keel-loopback.service\n\n\
-[Service]\nExecStart=/usr/lib/keel/clusterd-start\nRestart=always\nRestartSec=1\n\n\
+[Service]\nType=notify\nExecStart=/usr/lib/keel/clusterd-start\nRestart=always\nRestartSec=1\n\n\
 [Install]\nWantedBy=multi-user.target\n";
 
 pub const LOOPBACK_UNIT: &str = "[Unit]\n\
