@@ -445,3 +445,101 @@ fn readme_tour(readme: &str) -> Vec<String> {
 fn expected_code(line: &str) -> i32 {
     line.split_once("# exits ").and_then(|(_, c)| c.split(|ch: char| !ch.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
 }
+
+/// `keelvm run` twice on the same output directory (say `make run` in a second terminal): the second is refused
+/// with a message saying what to do, and the running VM keeps its disk (even with `--fresh`) and its debug
+/// shell, which used to be unlinked from under it.
+#[test]
+fn a_second_keelvm_run_on_the_same_out_dir_is_refused_and_the_running_vm_keeps_its_disk_and_shell() {
+    let _one = vm::serial();
+    if !vm::qemu_available() {
+        return;
+    }
+    let m = image::image().expect("image");
+    let out = image::work_dir("vms/keelvm-twice");
+    let _ = std::fs::remove_dir_all(out.join("vm"));
+    let manifest = m.image.parent().expect("image dir").join("keel.json");
+    std::fs::copy(&manifest, out.join("keel.json")).expect("copy keel.json");
+    let keelvm = image::release_dir().join("keelvm");
+    let console = std::fs::File::create(out.join("console.log")).expect("console log");
+    let mut first = KillOnDrop(
+        Command::new(&keelvm)
+            .args(["run", "--fresh", "--out"])
+            .arg(&out)
+            .stdin(std::process::Stdio::piped()) // the console stays open, as a terminal would
+            .stdout(console.try_clone().expect("dup"))
+            .stderr(console)
+            .spawn()
+            .expect("keelvm run"),
+    );
+    let log = || std::fs::read_to_string(out.join("console.log")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + BOOT;
+    while !log().contains("all units ready") {
+        assert!(first.0.try_wait().expect("wait").is_none(), "the first keelvm run exited:\n{}", log());
+        assert!(std::time::Instant::now() < deadline, "the first VM never became ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let disk = out.join("vm/disk.qcow2");
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("stat"));
+    let (disk_before, sock_before) = (inode(&disk), inode(&out.join("vm/shell.sock")));
+
+    let mut second = KillOnDrop(
+        Command::new(&keelvm)
+            .args(["run", "--fresh", "--out"])
+            .arg(&out)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("second keelvm run"),
+    );
+    let deadline = std::time::Instant::now() + CMD;
+    let status = loop {
+        if let Some(st) = second.0.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "a second keelvm run on the same --out started another VM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().expect("stderr"), &mut err).expect("read stderr");
+    assert!(!status.success(), "a second keelvm run on the same --out succeeded: {err}");
+    assert!(err.contains("already running") && err.contains("keelvm shell"), "the refusal does not say what to do: {err}");
+    assert_eq!(inode(&disk), disk_before, "the running VM's disk was replaced");
+    assert_eq!(inode(&out.join("vm/shell.sock")), sock_before, "the running VM's shell socket was replaced");
+    let print = Command::new(&keelvm).args(["print", "--fresh", "--out"]).arg(&out).output().expect("keelvm print");
+    assert!(print.status.success(), "keelvm print: {}", String::from_utf8_lossy(&print.stderr));
+    assert_eq!(inode(&disk), disk_before, "keelvm print --fresh replaced the disk");
+
+    let mut shell = Command::new(&keelvm)
+        .args(["shell", "--socket"])
+        .arg(out.join("vm/shell.sock"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("keelvm shell");
+    let mut stdin = shell.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"echo shell-$((6*7)); initctl poweroff\n").expect("type into the shell");
+    let deadline = std::time::Instant::now() + DOWN;
+    while first.0.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the VM did not power off from its debug shell:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stdin);
+    let _ = shell.kill();
+    let said = shell.wait_with_output().expect("shell output");
+    assert!(String::from_utf8_lossy(&said.stdout).contains("shell-42"), "the debug shell did not answer");
+    // Once the first VM is gone the directory is free again.
+    let lock = std::fs::OpenOptions::new().write(true).open(out.join("vm/lock")).expect("vm/lock");
+    assert!(lock.try_lock().is_ok(), "out/vm/lock is still held after QEMU exited");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -26,6 +26,10 @@ use keel_image::qemu::{self, Boot, Console, VmSpec};
 ///
 /// A second root shell runs on a virtio-serial port; from another terminal:
 ///   keelvm shell
+///
+/// One VM per output directory: while it runs, its QEMU holds out/vm/lock and
+/// a second `keelvm run` on the same --out is refused (its disk and shell
+/// socket stay untouched).
 ///
 /// Examples:
 ///   keelvm run --user-data my.yml     # cloud-config via fw_cfg opt/keel/user-data
@@ -51,7 +55,7 @@ enum Cmd {
         #[arg(long, default_value = "out/vm/shell.sock")]
         socket: PathBuf,
     },
-    /// Print the QEMU command line `run` would execute.
+    /// Print the QEMU command line `run` would execute (changes nothing on disk).
     Print(RunArgs),
 }
 
@@ -91,22 +95,11 @@ struct RunArgs {
     user_net: bool,
 }
 
-fn build_spec(a: &RunArgs) -> anyhow::Result<VmSpec> {
-    let m = Manifest::load(&a.out).with_context(|| {
-        format!("no built image in {}: run mkimage first (target/x86_64-unknown-linux-gnu/release/mkimage)", a.out.display())
-    })?;
+/// The QEMU invocation for `a`, touching nothing on disk (`print` shows it; `run` prepares it first).
+fn build_spec(a: &RunArgs, m: &Manifest) -> anyhow::Result<VmSpec> {
     let vm = a.out.join("vm");
-    std::fs::create_dir_all(&vm).with_context(|| format!("creating {}", vm.display()))?;
-    let disk = vm.join("disk.qcow2");
-    if a.fresh || !disk.exists() {
-        qemu::create_overlay(&m.image, &disk)?;
-    }
     let boot = if a.uefi {
-        let vars = vm.join("OVMF_VARS.fd");
-        if a.fresh || !vars.exists() {
-            qemu::fresh_vars(&vars)?;
-        }
-        Boot::Uefi { vars }
+        Boot::Uefi { vars: vm.join("OVMF_VARS.fd") }
     } else {
         let mut cmdline = match a.slot.as_str() {
             "gpt" => m.cmdline.clone(),
@@ -119,12 +112,10 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<VmSpec> {
         }
         Boot::Direct { kernel: m.kernel.clone(), initrd: m.initrd.clone(), cmdline }
     };
-    let mut spec = VmSpec::new(disk, boot);
+    let mut spec = VmSpec::new(vm.join("disk.qcow2"), boot);
     spec.memory_mib = a.mem;
     spec.console = Console::Terminal;
-    let sock = vm.join("shell.sock");
-    let _ = std::fs::remove_file(&sock);
-    spec.shell_socket = Some(sock);
+    spec.shell_socket = Some(vm.join("shell.sock"));
     if let Some(ud) = &a.user_data {
         spec.fw_cfg_files.push((qemu::USER_DATA_FW_CFG.into(), ud.clone()));
     }
@@ -141,18 +132,71 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<VmSpec> {
     Ok(spec)
 }
 
+fn load_manifest(out: &Path) -> anyhow::Result<Manifest> {
+    Manifest::load(out).with_context(|| {
+        format!("no built image in {}: run mkimage first (target/x86_64-unknown-linux-gnu/release/mkimage)", out.display())
+    })
+}
+
+/// Take `<out>/vm/lock` for as long as this VM runs: the lock is inherited by QEMU across `exec`, so a second
+/// `keelvm run` on the same directory stops here instead of replacing the running VM's disk (`--fresh`) or
+/// its debug-shell socket.
+fn lock_vm_dir(vm: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(vm).with_context(|| format!("creating {}", vm.display()))?;
+    let path = vm.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "a VM is already running from {} (its QEMU holds {}): attach to it with `keelvm shell`, stop it \
+             (Ctrl-A X in its terminal, or `initctl poweroff` inside), or give this one another --out",
+            vm.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+    // Keep the lock across exec: QEMU holds it until it exits.
+    rustix::io::fcntl_setfd(&f, rustix::io::FdFlags::empty()).with_context(|| format!("keeping {} open for QEMU", path.display()))?;
+    Ok(f)
+}
+
+/// What `run` changes on disk before QEMU starts: a new overlay (and UEFI vars) when asked or missing, and
+/// no stale debug-shell socket. Only called with the VM directory locked.
+fn prepare(a: &RunArgs, m: &Manifest, spec: &VmSpec) -> anyhow::Result<()> {
+    if a.fresh || !spec.disk.exists() {
+        qemu::create_overlay(&m.image, &spec.disk)?;
+    }
+    if let Boot::Uefi { vars } = &spec.boot {
+        if a.fresh || !vars.exists() {
+            qemu::fresh_vars(vars)?;
+        }
+    }
+    if let Some(sock) = &spec.shell_socket {
+        let _ = std::fs::remove_file(sock);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Run(a) => {
-            let spec = build_spec(&a)?;
+            let m = load_manifest(&a.out)?;
+            let spec = build_spec(&a, &m)?;
             let q = qemu::qemu_binary()?;
+            let _lock = lock_vm_dir(&a.out.join("vm"))?;
+            prepare(&a, &m, &spec)?;
             eprintln!("keelvm: {} {}", q.display(), spec.args().join(" "));
             eprintln!("keelvm: Ctrl-A X quits; `keelvm shell` attaches a second root shell");
             let err = std::process::Command::new(&q).args(spec.args()).exec();
             Err(err).with_context(|| format!("executing {}", q.display()))
         }
         Cmd::Print(a) => {
-            let spec = build_spec(&a)?;
+            let spec = build_spec(&a, &load_manifest(&a.out)?)?;
             println!("{} {}", qemu::qemu_binary()?.display(), spec.args().join(" "));
             Ok(())
         }
