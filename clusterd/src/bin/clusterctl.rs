@@ -17,7 +17,7 @@ EXAMPLES
   clusterctl kv ls / --recursive
   clusterctl kv watch /config --recursive --forever
   clusterctl member list
-  clusterctl member add d http://10.0.0.4:2380     # then start d with --initial-cluster-state existing
+  clusterctl member add d http://10.0.0.4:2380     # then start d: --initial-cluster-state existing
   clusterctl status --endpoints http://10.0.0.1:2379,http://10.0.0.2:2379";
 
 /// Command-line client for Keel's cluster store.
@@ -116,7 +116,7 @@ enum Kv {
 enum MemberCmd {
     /// List members.
     List,
-    /// Add a member (learner, then voter); start it afterwards with --initial-cluster-state existing.
+    /// Add a member (learner, then voter); then start it with --initial-cluster-state existing.
     Add {
         /// Name of the new member.
         name: String,

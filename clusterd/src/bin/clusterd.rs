@@ -40,9 +40,11 @@ EXAMPLES
     curl 'http://10.0.0.1:8087/new?size=3'        # prints a token URL
     clusterd --name a ... --discovery http://10.0.0.1:8087/<token>   (on each of the 3 members)
 
-  Fleet: every member also runs the fleet engine (acting only while it leads) and, when init's socket exists,
-  the fleet agent, which runs the units fleet assigns to this machine (see fleetctl --help, docs/fleet.md):
-    clusterd --name a --machine-id m1 --fleet-metadata region=eu,disk=ssd --init-socket /run/keel/init.sock
+  Fleet: every member also runs the fleet engine (acting only while it leads) and, when init's
+  socket exists, the fleet agent, which runs the units fleet assigns to this machine
+  (see fleetctl --help, docs/fleet.md):
+    clusterd --name a --machine-id m1 --fleet-metadata region=eu,disk=ssd \\
+      --init-socket /run/keel/init.sock
 
   Then:
     curl -X PUT http://127.0.0.1:2379/v2/keys/message -d value=hello

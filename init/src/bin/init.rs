@@ -17,9 +17,11 @@ Units are systemd-style unit files, searched in --units-dir order (first match w
 wants or requires. Control it with `initctl` over the --socket.
 
 SIGNALS
-  SIGTERM, SIGINT   reboot (PID 1 of a machine) or stop everything and exit (otherwise)
-  SIGUSR2, SIGRTMIN+4   power off        SIGUSR1, SIGRTMIN+3   halt        SIGRTMIN+5   reboot
-  SIGHUP            re-read unit files
+  SIGTERM, SIGINT       reboot (PID 1 of a machine) or stop everything and exit (otherwise)
+  SIGUSR2, SIGRTMIN+4   power off
+  SIGUSR1, SIGRTMIN+3   halt
+  SIGRTMIN+5            reboot
+  SIGHUP                re-read unit files
 
 EXAMPLES
   Supervise a directory of units as a normal process, state under /tmp/keel:

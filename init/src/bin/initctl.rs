@@ -24,7 +24,7 @@ EXAMPLES
   initctl logs -b -1                   everything from the previous boot
   initctl enable web.service           start it at every boot ([Install] WantedBy=)
   initctl reload                       re-read unit files after editing them
-  initctl image import busybox.tar     add an image (oci-archive, docker save, OCI layout); see docs/containers.md
+  initctl image import busybox.tar     add an image (oci-archive, docker save; docs/containers.md)
   initctl run busybox echo hello       a one-off container in the foreground
   initctl reboot";
 

@@ -10,7 +10,7 @@ use super::{import, pull, Store};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCmd {
-    /// Import an OCI image layout directory, an oci-archive or a docker-save tarball (optionally gzip/zstd).
+    /// Import an OCI layout directory, oci-archive or docker-save tarball (gzip/zstd too).
     #[command(after_help = "EXAMPLES\n  initctl image import ./web-oci/\n  skopeo copy docker://… oci-archive:web.tar && initctl image import web.tar --name web:1\n  docker save web:1 | zstd > web.tar.zst && initctl image import web.tar.zst")]
     Import {
         path: PathBuf,

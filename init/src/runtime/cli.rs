@@ -22,7 +22,7 @@ pub struct RunArgs {
     /// Forget the transient unit once it exited (else it stays in `initctl list` until the next reload).
     #[arg(long)]
     pub rm: bool,
-    /// `host` (default) or `private` (own network namespace on the keel0 bridge).
+    /// `host` (default) or `private` (own netns on the keel0 bridge).
     #[arg(long, value_name = "host|private")]
     pub net: Option<String>,
     /// HOST:CONTAINER[:ro] bind mount; repeatable.
