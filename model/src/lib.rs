@@ -9,7 +9,8 @@
 //! `kmod` reads a kernel's module index and orders module loads, shared by mkimage and init's initrd mode;
 //! `gpt` reads a disk's partition table and rewrites the A/B slot bits in both copies (the one module here
 //! that writes: mkimage, the updater and init's initramfs share it so there is one reader to get right), with
-//! `crc32` beside it (also init's journal frames).
+//! `crc32` beside it (also init's journal frames). `report` turns an error chain into the one line every
+//! binary prints when it fails.
 //! Does not: start processes, touch cgroups, or interpret `[Container]` / `[X-Fleet]` beyond keeping their raw
 //! keys (those belong to init's runtime and clusterd's scheduler).
 
@@ -22,6 +23,7 @@ pub mod kmod;
 pub mod load;
 pub mod lock;
 pub mod name;
+pub mod report;
 pub mod unit;
 pub mod values;
 

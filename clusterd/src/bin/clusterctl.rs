@@ -338,7 +338,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(args) {
-        eprintln!("clusterctl: {e:#}");
+        eprintln!("clusterctl: {}", keel_model::report::one_line(e.as_ref()));
         std::process::exit(1);
     }
 }

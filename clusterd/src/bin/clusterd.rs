@@ -331,7 +331,18 @@ fn notify_ready() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Run, and on failure print one line (`clusterd: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clusterd: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let mut raw = std::env::args_os();
     if raw.nth(1).is_some_and(|a| a == "__check-store") {
         // The storage engine may panic on damaged pages: its message, on one line, is what the parent reports.

@@ -179,7 +179,7 @@ fn main() {
         timeout: Duration::from_secs(cli.request_timeout),
     };
     if let Err(e) = run(&ctl, cli.cmd) {
-        eprintln!("fleetctl: {e:#}");
+        eprintln!("fleetctl: {}", keel_model::report::one_line(e.as_ref()));
         std::process::exit(1);
     }
 }

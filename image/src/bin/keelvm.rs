@@ -182,7 +182,18 @@ fn prepare(a: &RunArgs, m: &Manifest, spec: &VmSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// Run, and on failure print one line (`keelvm: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keelvm: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Run(a) => {
             let m = load_manifest(&a.out)?;

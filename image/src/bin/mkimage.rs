@@ -115,7 +115,18 @@ fn expand_keys(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Run, and on failure print one line (`mkimage: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mkimage: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = std::time::Instant::now();
     let bin_dir = match args.bin_dir {

@@ -103,7 +103,18 @@ mkpayload verify --pub keys/ab12.pub --json keel-1.2.0.payload"
     },
 }
 
-fn main() -> Result<()> {
+/// Run, and on failure print one line (`mkpayload: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mkpayload: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Keygen { out } => {
             let kp = KeyPair::generate();

@@ -154,7 +154,7 @@ fn main() {
         || (std::process::id() == 1 && std::path::Path::new("/etc/initrd-release").exists())
     {
         let Err(e) = keel_init::initrd::run();
-        eprintln!("keel initrd: FATAL: {e:#}");
+        eprintln!("keel initrd: FATAL: {}", keel_model::report::one_line(e.as_ref()));
         run::reap_forever("initramfs mode failed");
     }
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -172,7 +172,7 @@ fn main() {
     let outcome = std::panic::catch_unwind(move || -> anyhow::Result<i32> { Ok(Init::setup(opts)?.run()) });
     let why = match outcome {
         Ok(Ok(code)) => std::process::exit(code),
-        Ok(Err(e)) => format!("{e:#}"),
+        Ok(Err(e)) => keel_model::report::one_line(e.as_ref()),
         Err(_) => "internal error (panic); see the message above".to_string(),
     };
     if pid1 && std::process::id() == 1 {

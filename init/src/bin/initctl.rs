@@ -136,7 +136,7 @@ fn main() {
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("initctl: {e:#}");
+            eprintln!("initctl: {}", keel_model::report::one_line(e.as_ref()));
             std::process::exit(1);
         }
     }

@@ -162,7 +162,18 @@ fn changed(
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// Run, and on failure print one line (`locksmithctl: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("locksmithctl: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     // Left at its default, the endpoint is followed by where cloud-config told the local clusterd to listen.
     let endpoints = if cli.endpoint == DEFAULT_ENDPOINT {

@@ -215,15 +215,26 @@ fn os_release_version(p: &std::path::Path) -> Option<String> {
         .map(|v| v.trim_matches('"').to_string())
 }
 
+/// Run, and on failure print one line (`update-engine: what failed: why`) and exit 1.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("update-engine: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     let a = Args::parse();
     // Unusable reboot settings must not stop the engine: it is what blesses a freshly updated slot.
     let (mut reboot_cfg, reboot_problem) = match reboot_config(&a) {
         Ok(c) => (c, None),
         Err(e) => (
             RebootConfig::off(a.state_dir.clone(), a.init_socket.clone()),
-            Some(format!("reboot manager settings: {e:#}")),
+            Some(format!("reboot manager settings: {}", keel_model::report::one_line(e.as_ref()))),
         ),
     };
     let running_version = match a.running_version {

@@ -151,7 +151,18 @@ fn print_reboot(r: &Value) {
     }
 }
 
-fn main() -> Result<()> {
+/// Run, and on failure print one line (`updatectl: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("updatectl: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let base = cli.endpoint.trim_end_matches('/');
     match cli.cmd {

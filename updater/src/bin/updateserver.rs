@@ -164,7 +164,18 @@ impl Client {
     }
 }
 
-fn main() -> Result<()> {
+/// Run, and on failure print one line (`updateserver: what failed: why`) and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("updateserver: {}", keel_model::report::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let c = Client {
         base: cli.server.clone(),
