@@ -4,7 +4,7 @@
 //! Many of Keel's error types already name their cause in their message (`"{path}: {source}"`, so the message
 //! reads well wherever it is logged) and also expose it as `source()`; printing the chain as well (anyhow's
 //! `{:#}`) said every such cause twice. Here a cause is appended only when the line does not already say it.
-//! Does not: decide exit codes or where the line goes (the binary does).
+//! Does not: decide exit codes beyond 0 / 1 (`exit`), or anything about what failed.
 
 use std::error::Error;
 
@@ -21,6 +21,18 @@ pub fn one_line(e: &(dyn Error + 'static)) -> String {
         next = cause.source();
     }
     line
+}
+
+/// A binary's exit: status 0, or its one-line report (`prog: what failed: why`) on stderr and status 1.
+/// `fn main() -> ExitCode { report::exit("mkpayload", run()) }`; `anyhow::Error` fits `E`.
+pub fn exit<E: AsRef<dyn Error>>(prog: &str, result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{prog}: {}", one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -335,10 +335,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() {
-    let args = Args::parse();
-    if let Err(e) = run(args) {
-        eprintln!("clusterctl: {}", keel_model::report::one_line(e.as_ref()));
-        std::process::exit(1);
-    }
+fn main() -> std::process::ExitCode {
+    keel_model::report::exit("clusterctl", run(Args::parse()))
 }

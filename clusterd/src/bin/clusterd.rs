@@ -331,15 +331,9 @@ fn notify_ready() {
     }
 }
 
-/// Run, and on failure print one line (`clusterd: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`clusterd: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("clusterd: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("clusterd", run())
 }
 
 fn run() -> anyhow::Result<()> {

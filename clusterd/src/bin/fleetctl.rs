@@ -171,17 +171,14 @@ struct Ctl {
     timeout: Duration,
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let ctl = Ctl {
         kv: Kv::new(cli.endpoint.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).collect(), Duration::from_secs(cli.request_timeout)),
         json: cli.json,
         timeout: Duration::from_secs(cli.request_timeout),
     };
-    if let Err(e) = run(&ctl, cli.cmd) {
-        eprintln!("fleetctl: {}", keel_model::report::one_line(e.as_ref()));
-        std::process::exit(1);
-    }
+    keel_model::report::exit("fleetctl", run(&ctl, cli.cmd))
 }
 
 fn run(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {

@@ -182,15 +182,9 @@ fn prepare(a: &RunArgs, m: &Manifest, spec: &VmSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run, and on failure print one line (`keelvm: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`keelvm: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keelvm: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("keelvm", run())
 }
 
 fn run() -> anyhow::Result<()> {

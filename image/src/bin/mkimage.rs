@@ -115,15 +115,9 @@ fn expand_keys(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Run, and on failure print one line (`mkimage: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`mkimage: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mkimage: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("mkimage", run())
 }
 
 fn run() -> anyhow::Result<()> {

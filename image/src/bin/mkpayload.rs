@@ -103,15 +103,9 @@ mkpayload verify --pub keys/ab12.pub --json keel-1.2.0.payload"
     },
 }
 
-/// Run, and on failure print one line (`mkpayload: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`mkpayload: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mkpayload: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("mkpayload", run())
 }
 
 fn run() -> Result<()> {

@@ -162,15 +162,9 @@ fn changed(
     Ok(())
 }
 
-/// Run, and on failure print one line (`locksmithctl: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`locksmithctl: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("locksmithctl: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("locksmithctl", run())
 }
 
 fn run() -> Result<()> {

@@ -215,16 +215,10 @@ fn os_release_version(p: &std::path::Path) -> Option<String> {
         .map(|v| v.trim_matches('"').to_string())
 }
 
-/// Run, and on failure print one line (`update-engine: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`update-engine: what failed: why`) and exit status 1.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("update-engine: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("update-engine", run().await)
 }
 
 async fn run() -> Result<()> {

@@ -151,15 +151,9 @@ fn print_reboot(r: &Value) {
     }
 }
 
-/// Run, and on failure print one line (`updatectl: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`updatectl: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("updatectl: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("updatectl", run())
 }
 
 fn run() -> Result<()> {

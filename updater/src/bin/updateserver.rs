@@ -164,15 +164,9 @@ impl Client {
     }
 }
 
-/// Run, and on failure print one line (`updateserver: what failed: why`) and exit 1.
+/// Run; on failure one line on stderr (`updateserver: what failed: why`) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("updateserver: {}", keel_model::report::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_model::report::exit("updateserver", run())
 }
 
 fn run() -> Result<()> {
