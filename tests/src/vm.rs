@@ -427,6 +427,24 @@ impl Vm {
         }
     }
 
+    /// Wait until QEMU exits by itself (the guest powered off, or rebooted: QEMU runs with -no-reboot);
+    /// `what` names the awaited event in the timeout error. Returns how long the wait took.
+    pub fn wait_exit(&mut self, timeout: Duration, what: &str) -> Result<Duration, VmError> {
+        let start = Instant::now();
+        while self.exited().is_none() {
+            if start.elapsed() >= timeout {
+                return Err(VmError::Timeout {
+                    what: what.to_string(),
+                    secs: timeout.as_secs(),
+                    log: self.console_log.clone(),
+                    tail: self.tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(start.elapsed())
+    }
+
     /// Sync, ask init to power off, wait for QEMU to exit; kill it after `timeout`. Returns whether the
     /// shutdown was clean (QEMU exited by itself).
     pub fn shutdown(mut self, timeout: Duration) -> Result<bool, VmError> {
@@ -436,15 +454,7 @@ impl Vm {
                 "(initctl poweroff || initctl reboot || poweroff) >/dev/null 2>&1 </dev/null &\n",
             );
         }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                self.exit_status = Some(st.to_string());
-                return Ok(true);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(false) // drop kills it
+        Ok(self.wait_exit(timeout, "QEMU to exit after poweroff").is_ok()) // if not, drop kills it
     }
 }
 

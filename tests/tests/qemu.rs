@@ -423,11 +423,7 @@ fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
     }
     let reboot = tour.iter().find(|l| l.starts_with("initctl reboot")).expect("the tour ends with initctl reboot");
     let _ = vm.run(&format!("(\n{reboot}\n) >/dev/null 2>&1 </dev/null &"), CMD);
-    let deadline = std::time::Instant::now() + DOWN;
-    while vm.exited().is_none() {
-        assert!(std::time::Instant::now() < deadline, "`{reboot}` did not take the machine down:\n{}", vm.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vm.wait_exit(DOWN, &format!("`{reboot}` taking the machine down")).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The command lines of the README's "## A five-minute tour" section: its first ```sh block.

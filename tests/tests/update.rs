@@ -351,16 +351,7 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Dur
 fn reboot(mut vm: Vm) -> Duration {
     let t = Instant::now();
     let _ = vm.run("sync; (sleep 0.2; initctl reboot) >/dev/null 2>&1 </dev/null &", CMD);
-    wait_for_exit(&mut vm, Duration::from_secs(60), "QEMU exit after `initctl reboot`");
-    t.elapsed()
-}
-
-fn wait_for_exit(vm: &mut Vm, timeout: Duration, what: &str) -> Duration {
-    let t = Instant::now();
-    while vm.exited().is_none() {
-        assert!(t.elapsed() < timeout, "{what} did not happen within {timeout:?}; console log {}", vm.console_log().display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vm.wait_exit(Duration::from_secs(60), "QEMU exit after `initctl reboot`").unwrap_or_else(|e| panic!("{e}"));
     t.elapsed()
 }
 
@@ -516,7 +507,7 @@ fn v3_with_a_failing_health_gate_falls_back_by_itself_and_reports_44() {
     eprintln!("keel-tests: 3.0.0 gate: {}", st["health"]);
     // nobody touches the VM now: the gate gives up after 12 s and the engine reboots through init
     let t = Instant::now();
-    wait_for_exit(&mut vm, Duration::from_secs(120), "the engine rebooting after the failed health gate");
+    vm.wait_exit(Duration::from_secs(120), "the engine rebooting after the failed health gate").unwrap_or_else(|e| panic!("{e}"));
     let fell = t.elapsed();
     drop(vm);
     assert_eq!(slot_bits(&disk, "USR-B"), SlotBits { priority: 2, tries: 0, successful: false }, "B after its failed try");
