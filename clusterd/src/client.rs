@@ -29,6 +29,15 @@ pub enum ClientError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Connected, but no answer within the timeout (the request may have been delivered and may still
+    /// take effect: a write forwarded to a leader that froze, say).
+    #[error("{url}: no answer within {after:?}")]
+    TimedOut {
+        /// Endpoint.
+        url: String,
+        /// The timeout.
+        after: Duration,
+    },
     /// Malformed answer.
     #[error("{url}: malformed HTTP response: {detail}")]
     Protocol {
@@ -78,7 +87,10 @@ pub fn request_with(method: &str, url: &str, body: Option<(&str, &str)>, timeout
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let io = |source| ClientError::Io { url: url.to_string(), source };
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::TimedOut { url: url.to_string(), after: timeout },
+        _ => ClientError::Io { url: url.to_string(), source },
+    };
     let addr = host.to_socket_addrs().map_err(io)?.next().ok_or_else(|| ClientError::Url(url.into()))?;
     let mut s = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(3)))
         .map_err(|source| ClientError::Connect { url: url.to_string(), source })?;
@@ -171,4 +183,19 @@ pub fn request_json_any(endpoints: &[String], method: &str, path: &str, json: &s
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_accepts_but_never_answers_is_reported_as_a_timeout() {
+        // Like a SIGSTOPped member: the kernel accepts the connection, nobody reads it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/v2/keys/a", listener.local_addr().expect("addr"));
+        let e = request("PUT", &url, Some("value=1"), Duration::from_millis(200)).expect_err("no answer");
+        assert!(matches!(e, ClientError::TimedOut { .. }), "{e:?}");
+        assert_eq!(e.to_string(), format!("{url}: no answer within 200ms"));
+    }
 }

@@ -19,7 +19,7 @@ use keel_model::fleet::{self, Capacity, DesiredState, MachineRecord, UnitState};
 use super::init_client::{InitClient, InitUnit};
 use super::registry::{Kv, Snapshot};
 use super::units::{parse_unit, FleetSpec};
-use super::{text_hash, unix_now, AGENT_TICK, HEARTBEAT_INTERVAL, RECORD_TTL_SECS};
+use super::{text_hash, unix_now, AGENT_TICK, HEARTBEAT_INTERVAL, HEARTBEAT_RETRY, HEARTBEAT_WRITE_TIMEOUT, RECORD_TTL_SECS};
 
 /// First line of every unit file the agent writes; files without it are not the agent's.
 pub const MARKER: &str = "# Written by the keel fleet agent; it removes this file when the unit leaves this machine.\n";
@@ -93,14 +93,6 @@ fn record(cfg: &AgentConfig) -> MachineRecord {
         endpoint: cfg.endpoint.clone(),
     }
 }
-
-/// Longest one heartbeat write may take. A write stuck in an election (or forwarded to a frozen leader) is
-/// abandoned after this and retried at once, so a healthy machine lands a heartbeat soon after a new leader
-/// is elected: within the new leader's grace (see `liveness`) and well within the TTL.
-const HEARTBEAT_WRITE_TIMEOUT: Duration = Duration::from_millis(800);
-/// Pause before retrying a heartbeat write that failed (e.g. refused while the old leader is dead and no new
-/// one is known yet): short, so the first heartbeat after an election lands almost at once.
-const HEARTBEAT_RETRY: Duration = Duration::from_millis(100);
 
 fn heartbeat_loop(cfg: &AgentConfig) {
     let kv = Kv::new(cfg.kv_endpoints.clone(), HEARTBEAT_WRITE_TIMEOUT);

@@ -4,8 +4,9 @@
 //! local state machine (a follower only its machines and schedule) and updates the heartbeat tracker ([`Liveness`]) — followers apply the same log, so a
 //! member that becomes leader already knows how long each machine has been silent — and, on the leader only,
 //! builds the scheduler's input (live, draining and dead machines; parsed units, cached by text) and proposes
-//! the resulting schedule changes through Raft. On gaining leadership it gives every machine a short grace
-//! ([`Liveness::gained_leadership`]) to land a heartbeat delayed by the election. Does not: talk to init or to
+//! the resulting schedule changes through Raft. On gaining leadership it gives every machine a grace
+//! ([`LEADER_CHANGE_GRACE`](super::LEADER_CHANGE_GRACE), [`Liveness::gained_leadership`]) to land a heartbeat
+//! delayed by the election. Does not: talk to init or to
 //! agents.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -18,7 +19,7 @@ use super::liveness::Liveness;
 use super::registry::Snapshot;
 use super::scheduler::{self, Change, Input, MachineInfo, MachineState, UnitInfo};
 use super::units::{parse_unit, FleetSpec};
-use super::{ENGINE_TICK, HEARTBEAT_INTERVAL, HEARTBEAT_TTL};
+use super::{ENGINE_TICK, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, LEADER_CHANGE_GRACE};
 use crate::kv::{KvOp, OpKind};
 use crate::server::Ctx;
 
@@ -27,7 +28,7 @@ type SpecCache = HashMap<String, (String, Result<Arc<FleetSpec>, Vec<String>>)>;
 
 /// Run forever (spawned by clusterd).
 pub async fn run(ctx: Arc<Ctx>) {
-    let mut live = Liveness::new(HEARTBEAT_TTL, HEARTBEAT_INTERVAL, ENGINE_TICK);
+    let mut live = Liveness::new(HEARTBEAT_TTL, HEARTBEAT_INTERVAL, LEADER_CHANGE_GRACE, ENGINE_TICK);
     let mut leading = false;
     let mut cache = SpecCache::new();
     let mut dead_before = BTreeSet::new();

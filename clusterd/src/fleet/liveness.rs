@@ -39,10 +39,12 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    pub fn new(ttl: Duration, heartbeat: Duration, tick: Duration) -> Liveness {
+    /// `heartbeat`: how often machines write; `grace`: see [`Liveness::grace`] (at most `ttl`); `tick`: how often
+    /// the engine observes.
+    pub fn new(ttl: Duration, heartbeat: Duration, grace: Duration, tick: Duration) -> Liveness {
         Liveness {
             ttl,
-            grace: heartbeat.min(ttl),
+            grace: grace.min(ttl),
             health_window: heartbeat * 2 + tick,
             max_step: tick * 2,
             seen: BTreeMap::new(),
@@ -127,7 +129,7 @@ mod tests {
     }
 
     fn tracker() -> Liveness {
-        Liveness::new(Duration::from_secs(2), Duration::from_millis(500), TICK)
+        Liveness::new(Duration::from_secs(2), Duration::from_millis(500), Duration::from_millis(500), TICK)
     }
 
     #[test]
@@ -252,5 +254,62 @@ mod tests {
         l.gained_leadership();
         assert!(l.is_dead("a"));
         assert!(!l.is_dead("b"));
+    }
+
+    /// Replays a leader freeze at 100 ms resolution, the engine observing every [`ENGINE_TICK`]: m1, m2, m3
+    /// beat every heartbeat interval; at 2 s m2 (the leader) freezes and nothing lands; at 3.6 s m1 has won
+    /// the election (its engine gains leadership) and its own heartbeat lands at once; m3's write, forwarded to
+    /// the frozen m2 just before, is abandoned after `write_timeout`, retried [`HEARTBEAT_RETRY`] later and
+    /// commits 200 ms after that. Returns whether m3 was ever declared dead and when m2 was (ms after the gain).
+    fn replay_freeze(grace: Duration, write_timeout: Duration) -> (bool, Option<u64>) {
+        use crate::fleet::{ENGINE_TICK, HEARTBEAT_INTERVAL, HEARTBEAT_RETRY, HEARTBEAT_TTL};
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (interval, tick) = (ms(HEARTBEAT_INTERVAL), ms(ENGINE_TICK));
+        let (freeze, gain) = (2_000, 3_600);
+        let m3_lands = (gain + ms(write_timeout) + ms(HEARTBEAT_RETRY) + 200).div_ceil(100) * 100;
+        let mut l = Liveness::new(HEARTBEAT_TTL, HEARTBEAT_INTERVAL, grace, ENGINE_TICK);
+        let t0 = Instant::now();
+        let none = BTreeSet::new();
+        let mut beats = hb(&[("m1", 0), ("m2", 0), ("m3", 0)]);
+        let (mut idx, mut m3_died, mut m2_dead_at) = (0u64, false, None);
+        for t in (0..gain + 6_000).step_by(100) {
+            let lands = |m: &str| match m {
+                _ if t < freeze => t % interval == 0,
+                "m1" => t >= gain && (t - gain) % interval == 0,
+                "m3" => t >= m3_lands && (t - m3_lands) % interval == 0,
+                _ => false,
+            };
+            for m in ["m1", "m2", "m3"] {
+                if lands(m) {
+                    idx += 1;
+                    beats.insert(m.to_string(), idx);
+                }
+            }
+            if t % tick == 0 {
+                l.observe(t0 + Duration::from_millis(t), &beats, &none);
+                if t == gain {
+                    l.gained_leadership();
+                }
+                m3_died |= l.is_dead("m3");
+                if l.is_dead("m2") && m2_dead_at.is_none() {
+                    m2_dead_at = Some(t - gain);
+                }
+            }
+        }
+        (m3_died, m2_dead_at)
+    }
+
+    #[test]
+    fn a_heartbeat_stuck_on_a_frozen_leader_lands_within_the_grace_of_the_new_one() {
+        use crate::fleet::{ENGINE_TICK, HEARTBEAT_WRITE_TIMEOUT, LEADER_CHANGE_GRACE};
+        let (m3_died, m2_dead_at) = replay_freeze(LEADER_CHANGE_GRACE, HEARTBEAT_WRITE_TIMEOUT);
+        assert!(!m3_died, "healthy m3 declared dead after a leader change");
+        let m2_dead_at = m2_dead_at.expect("the frozen m2 is declared dead under the new leader");
+        let bound = LEADER_CHANGE_GRACE + ENGINE_TICK * 2;
+        assert!(Duration::from_millis(m2_dead_at) <= bound, "m2 declared dead {m2_dead_at} ms after the gain (> {bound:?})");
+        // What CI hit on 2026-11-23 (fleet.rs, ten-second leader stall): a 500 ms grace against an 800 ms
+        // write timeout declared the healthy m3 dead and moved its units.
+        let (m3_died, _) = replay_freeze(Duration::from_millis(500), Duration::from_millis(800));
+        assert!(m3_died, "the replay no longer reproduces the old failure");
     }
 }

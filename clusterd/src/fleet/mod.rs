@@ -22,6 +22,20 @@ use std::time::Duration;
 
 /// How often an agent refreshes its machine record.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest one heartbeat write may take. A write stuck in an election (or forwarded to a frozen leader) is
+/// abandoned after this and retried, so a healthy machine lands a heartbeat soon after a new leader is elected.
+/// Far above a write's normal latency (milliseconds; tens under heavy load); an abandoned write that does
+/// commit later is harmless (it only refreshes the record).
+pub const HEARTBEAT_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause before retrying a heartbeat write that failed or timed out (e.g. refused while no leader is known):
+/// short, so the first heartbeat after an election lands almost at once.
+pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(100);
+/// Least healthy-store time every machine gets to land a heartbeat after a member becomes the Raft leader.
+/// It must cover the worst case for a healthy agent: a write started just before the election hangs on the
+/// old leader for [`HEARTBEAT_WRITE_TIMEOUT`], the retry follows [`HEARTBEAT_RETRY`] later and must commit
+/// under the new leader; one [`HEARTBEAT_INTERVAL`] on top is the slack for that commit and the engine's tick.
+pub const LEADER_CHANGE_GRACE: Duration =
+    HEARTBEAT_WRITE_TIMEOUT.saturating_add(HEARTBEAT_RETRY).saturating_add(HEARTBEAT_INTERVAL);
 /// A machine whose heartbeat made no progress for this long, while other machines' heartbeats did, is dead.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(2);
 /// TTL of the machine record in the KV store (whole seconds): removes records of machines gone for good.
