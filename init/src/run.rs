@@ -282,8 +282,11 @@ impl Init {
             match src {
                 Source::Signal => self.on_signals(),
                 Source::Notify => {
-                    for (pid, text) in self.notify.recv_all() {
-                        self.sup.on_notify(pid, &text, Instant::now());
+                    // In order; a barrier's pipe closes (dropped) once everything before it was handled.
+                    for n in self.notify.recv_all() {
+                        if !n.is_barrier() {
+                            self.sup.on_notify(n.pid, &n.text, Instant::now());
+                        }
                     }
                 }
                 Source::Listener => self.server.accept_all(),

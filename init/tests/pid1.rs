@@ -4,6 +4,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -87,6 +88,42 @@ fn notify_readiness_gates_dependents() {
     assert_eq!(t.status("db.service")["status"]["status_text"], "serving");
     assert_eq!(t.active("app.service"), "active", "console:\n{}", t.console());
     assert!(t.work().join("saw-ready").exists(), "app started only after db sent READY=1");
+}
+
+/// `initctl notify` from a process that exits at once (a helper, or any unit that is not root, whose message
+/// can only carry its own pid): init finds the unit from the sender's cgroup, which /proc forgets when the
+/// sender exits, so `initctl notify` waits until init confirms (systemd's BARRIER=1). To make the race certain,
+/// init is stopped (SIGSTOP) while the helper sends; without the barrier the helper is gone when init looks,
+/// init logs "ignoring sd_notify from pid N: it belongs to no unit" and the unit never becomes active.
+#[test]
+fn notify_from_a_short_lived_sender_is_attributed_to_its_unit() {
+    let helper = format!(
+        "[Service]\nType=notify\nTimeoutStartSec=60\nExecStart=/bin/sh -c 'while [ ! -e @WORK@/go ]; do sleep 0.05; done; \
+         {} notify --pid self READY=1 STATUS=from-helper; touch @WORK@/sent; exec sleep 1000'\n",
+        INITCTL
+    );
+    let mut t = TestInit::prepare(&[("helper.service", &helper)], &["helper.service"]);
+    t.launch(true);
+    wait_until("helper.service activating", LONG, || t.active("helper.service") == "activating");
+    let init = t.init_host_pid().expect("init's pid");
+    let kill = |sig: &str| {
+        let st = Command::new("kill").args([sig, &init.to_string()]).status().expect("kill");
+        assert!(st.success(), "kill {sig} {init}");
+    };
+    kill("-STOP");
+    std::fs::write(t.work().join("go"), "").expect("go");
+    // Either the helper has sent and exited (`sent` is touched after initctl returned: no barrier), or initctl
+    // is running (its own command line ends in "STATUS=from-helper"; the shell's goes on with "; touch") and will
+    // wait for init to confirm.
+    let sent = t.work().join("sent");
+    let helper_running = || !pids_with_cmdline("READY=1 STATUS=from-helper ").is_empty();
+    wait_until("the helper to send", LONG, || sent.exists() || helper_running());
+    kill("-CONT");
+    wait_until("helper.service active", LONG, || t.active("helper.service") != "activating");
+    assert_eq!(t.active("helper.service"), "active", "console:\n{}", t.console());
+    assert_eq!(t.status("helper.service")["status"]["status_text"], "from-helper");
+    assert!(sent.exists());
+    assert!(!t.console().contains("belongs to no unit"), "console:\n{}", t.console());
 }
 
 #[test]

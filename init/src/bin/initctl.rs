@@ -106,6 +106,9 @@ enum Cmd {
         file: PathBuf,
     },
     /// Send sd_notify assignments (READY=1, STATUS=…) to $NOTIFY_SOCKET, like systemd-notify.
+    ///
+    /// Returns once init has handled them (a barrier, at most 5 s), so a short-lived sender is still there when
+    /// init looks up its unit (docs/init-api.md, "sd_notify").
     Notify {
         /// KEY=VALUE assignments, e.g. READY=1 "STATUS=serving on :80".
         #[arg(required = true)]
@@ -220,8 +223,14 @@ fn notify(assignments: &[String], pid: &str) -> anyhow::Result<i32> {
         n => n.parse().with_context(|| format!("--pid takes a number, `parent` or `self`, not {n:?}"))?,
     };
     let text = assignments.join("\n");
-    keel_init::notify::send(std::path::Path::new(&path), &text, pid)
+    let confirmed = keel_init::notify::send(std::path::Path::new(&path), &text, pid)
         .with_context(|| format!("sending to {path}"))?;
+    if !confirmed {
+        eprintln!(
+            "initctl: sent, but {path} did not confirm within {:?}; it may not have handled it yet",
+            keel_init::notify::BARRIER_TIMEOUT
+        );
+    }
     Ok(0)
 }
 

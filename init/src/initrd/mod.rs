@@ -348,7 +348,9 @@ fn boot_once(cmd: &Cmdline, kernel: &str) -> Result<Infallible, Fatal> {
     log(&format!("{} USR modules loaded in {} ms", list.len(), t.elapsed().as_millis()));
     write_boot_env(&f);
     log(&format!("switching root to {} on {}, exec {}", f.root_dev.display(), f.disk, cmd.init));
-    switch_root(&cmd.init).map_err(|e| fatal(format!("switch_root failed: {e:#}"), "report a bug; the rescue shell still works"))
+    switch_root(&cmd.init).map_err(|e| {
+        fatal(format!("switch_root failed: {}", keel_model::report::one_line(e.as_ref())), "report a bug; the rescue shell still works")
+    })
 }
 
 /// First boot on an empty ROOT (or after a wipe): /etc comes from the image's factory copy.
