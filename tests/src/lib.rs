@@ -8,9 +8,11 @@
 //! - `cluster`: several VMs on a test bridge forming one Keel cluster, restarted when they reboot, with a
 //!   timeline of what happened to each.
 //! - `probe`: the client outside the VMs (`keel-probe`, src/bin) and what tests compute from its records.
+//! - `readme`: the README's command blocks, for the tests that run its tours as written.
 
 pub mod cluster;
 pub mod image;
 pub mod net;
 pub mod probe;
+pub mod readme;
 pub mod vm;

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use keel_model::gpt::{self, SlotBits};
-use keel_tests::image;
+use keel_tests::{image, readme};
 use keel_tests::vm::{self, Vm, VmOptions};
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -387,8 +387,7 @@ fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
     if !vm::qemu_available() {
         return;
     }
-    let readme = std::fs::read_to_string(image::workspace().join("README.md")).expect("README.md");
-    let tour = readme_tour(&readme);
+    let tour = readme::sh_block(&readme::read(&image::workspace()), "## A five-minute tour");
     assert!(tour.len() >= 10, "no tour found in README.md under '## A five-minute tour': {tour:?}");
     let ud = image::workspace().join("image/examples/single-node.yml");
     let mut vm = Vm::start(&VmOptions { user_data: Some(ud), ..VmOptions::direct("readme-tour") }).expect("start VM");
@@ -406,7 +405,7 @@ fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
         ("initctl logs -n 20 clusterd.service", "serving clients"),
     ];
     for line in tour.iter().filter(|l| !l.starts_with("initctl reboot")) {
-        let want_code = expected_code(line);
+        let want_code = readme::expected_code(line);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let out = loop {
             let out = vm.run(&format!("cd /root/tour && {line}"), CMD).unwrap_or_else(|e| panic!("tour line {line:?}: {e}"));
@@ -424,22 +423,6 @@ fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
     let reboot = tour.iter().find(|l| l.starts_with("initctl reboot")).expect("the tour ends with initctl reboot");
     let _ = vm.run(&format!("(\n{reboot}\n) >/dev/null 2>&1 </dev/null &"), CMD);
     vm.wait_exit(DOWN, &format!("`{reboot}` taking the machine down")).unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// The command lines of the README's "## A five-minute tour" section: its first ```sh block.
-fn readme_tour(readme: &str) -> Vec<String> {
-    readme
-        .split("## A five-minute tour")
-        .nth(1)
-        .and_then(|s| s.split("```sh\n").nth(1))
-        .and_then(|s| s.split("```").next())
-        .map(|b| b.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
-        .unwrap_or_default()
-}
-
-/// The exit code a tour line's comment promises ("exits 1"), else 0.
-fn expected_code(line: &str) -> i32 {
-    line.split_once("# exits ").and_then(|(_, c)| c.split(|ch: char| !ch.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
 }
 
 /// `keelvm run` twice on the same output directory (say `make run` in a second terminal): the second is refused
