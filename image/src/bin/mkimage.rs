@@ -63,8 +63,8 @@ struct Args {
     /// Keel version written to os-release and the UKI names.
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
     os_version: String,
-    /// Binary to use as the initramfs' /init [default: <bin-dir>/init when it has initramfs mode,
-    /// else <bin-dir>/keel-initrd].
+    /// Binary to use as the initramfs' /init; it must have initramfs mode (Keel's init does)
+    /// [default: <bin-dir>/init].
     #[arg(long)]
     initrd_init: Option<PathBuf>,
     /// Extra kernel command line for both UKIs (and keel.json, which keelvm uses for direct boot).

@@ -95,19 +95,21 @@ Wants=multi-user.target\nAfter=multi-user.target\n";
 pub const CLUSTERD_START: &str = r#"#!/bin/sh
 # Start clusterd with its flags taken from cloud-config's keel.clusterd section, which init writes to
 # /run/keel/config/clusterd.env as upper-cased keys: NAME=node1 -> --name node1,
-# INITIAL_CLUSTER=a=http://... -> --initial-cluster a=http://... Without it: a single member named after the host.
+# INITIAL_CLUSTER=a=http://... -> --initial-cluster a=http://... The member's name defaults to the hostname (members
+# of one cluster need distinct names); without the file: a single member named after the host.
 set --
+named=
 env=/run/keel/config/clusterd.env
 if [ -r "$env" ]; then
   while IFS= read -r line; do
     case $line in ''|'#'*) continue;; esac
     k=${line%%=*}; v=${line#*=}
     v=$(printf '%s' "$v" | sed -e 's/^"//' -e 's/"$//')
+    [ "$k" = NAME ] && named=1
     set -- "$@" "--$(echo "$k" | tr 'A-Z_' 'a-z-')" "$v"
   done < "$env"
-else
-  set -- --name "$(hostname)"
 fi
+[ -n "$named" ] || set -- "$@" --name "$(hostname)"
 ip link set lo up 2>/dev/null  # normally done by keel-loopback.service already
 exec /usr/bin/clusterd "$@"
 "#;
@@ -218,6 +220,35 @@ mod tests {
             let out = std::process::Command::new("sh").args(["-n", "-c", script]).output().expect("run sh");
             assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         }
+    }
+
+    /// clusterd-start's argv for a clusterd.env (None: no file), with `clusterd` replaced by printing its args.
+    fn clusterd_start_args(env: Option<&str>) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("clusterd.env");
+        if let Some(text) = env {
+            std::fs::write(&path, text).expect("env");
+        }
+        let script = CLUSTERD_START
+            .replace("/run/keel/config/clusterd.env", &path.display().to_string())
+            .replace("ip link set lo up", ":")
+            .replace("exec /usr/bin/clusterd \"$@\"", "printf '%s\\n' \"$@\"");
+        let out = std::process::Command::new("sh").args(["-c", &script]).output().expect("run sh");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn clusterd_start_turns_the_section_into_flags_and_names_the_member_after_the_host() {
+        let host = String::from_utf8_lossy(&std::process::Command::new("hostname").output().expect("hostname").stdout)
+            .trim()
+            .to_string();
+        assert_eq!(clusterd_start_args(None), ["--name", host.as_str()]);
+        // A section without `name:` (the docs' discovery example): still named after the host, not "default".
+        let args = clusterd_start_args(Some("DISCOVERY=\"http://10.0.0.100:8087/abc\"\nLISTEN_PEER_URLS=http://10.0.0.5:2380\n"));
+        assert_eq!(args, ["--discovery", "http://10.0.0.100:8087/abc", "--listen-peer-urls", "http://10.0.0.5:2380", "--name", host.as_str()]);
+        let args = clusterd_start_args(Some("# from cloud-config\nNAME=node1\nINITIAL_CLUSTER=node1=http://10.0.0.5:2380\n"));
+        assert_eq!(args, ["--name", "node1", "--initial-cluster", "node1=http://10.0.0.5:2380"]);
     }
 
     #[test]

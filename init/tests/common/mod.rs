@@ -85,6 +85,10 @@ impl TestInit {
     /// (Re)start init on the same directories. `namespace=false` runs it as a plain supervisor.
     pub fn launch(&mut self, namespace: bool) {
         self.namespace = namespace;
+        // A relaunch (init restarted on the same state): the previous run's cgroup is not reused; remove it.
+        if let Some(old) = self.cgroup.take() {
+            remove_cgroup_tree(&old);
+        }
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let root = cgroup2_root();
         let cg = root.as_ref().map(|r| r.join(format!("keel-test-{}-{n}", std::process::id())));
