@@ -301,6 +301,42 @@ impl Cluster {
     }
 }
 
+/// A command that runs until dropped (killed), its stdout collected as it comes.
+struct Follower {
+    child: Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl Follower {
+    fn spawn(cmd: &mut Command) -> Follower {
+        use std::io::Read;
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+        let mut pipe = child.stdout.take().expect("stdout");
+        let out = Arc::new(Mutex::new(String::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Follower { child, out }
+    }
+
+    fn text(&self) -> String {
+        self.out.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn sleeper(tag: &str, xfleet: &str) -> String {
     format!("[Unit]\nDescription={tag}\n[Service]\nExecStart=/bin/sh -c 'echo started {tag} %n; exec sleep 100000'\n{xfleet}")
 }
@@ -376,6 +412,15 @@ fn placement_honours_global_spread_conflicts_metadata_and_machine_of() {
     assert!(journal.contains("started side side.service"), "journal comes from the machine running it:\n{journal}");
     let status = c.fleetctl_ok(&["status", "in-b.service"]);
     assert!(status.contains("Active: active") && status.contains("m3"), "{status}");
+    // `journal -f` (docs/fleet.md) shows what is there, then what comes: a restart's new line.
+    let follow = Follower::spawn(Command::new(FLEETCTL).arg("--endpoint").arg(c.endpoints()).args(["journal", "-f", "side.service"]));
+    wait_for("journal -f to show the unit's first line", LONG, || follow.text().contains("started side").then_some(()));
+    c.fleetctl_ok(&["stop", "side.service"]);
+    c.fleetctl_ok(&["start", "side.service"]);
+    wait_for("journal -f to show the restart's line", LONG, || {
+        (follow.text().matches("started side side.service").count() >= 2).then_some(())
+    });
+    drop(follow);
     // stop → loaded (file there, not running); destroy → gone.
     c.fleetctl_ok(&["stop", "side.service"]);
     assert!(!c.placement().contains_key("side.service"));

@@ -269,6 +269,13 @@ fn private_network_container_reaches_a_server_on_the_bridge() {
     assert!(logs.contains("hello over the bridge"), "the container reached 10.88.0.1:2379\n{}\n{logs}\n{}", String::from_utf8_lossy(&o.stderr), b.t.console());
     assert!(logs.contains("ip=10.88."), "{logs}");
     assert!(b.links().iter().any(|l| l == "keel0"), "bridge exists: {:?}", b.links());
+    // docs/containers.md's one-off line: `initctl run --rm --net private -v HOST:CTR:ro …`.
+    let vol = format!("{}:/srv:ro", b.t.work().display());
+    let o = b.ctl(&["run", "--rm", "--net", "private", "-v", &vol, "busybox", "sh", "-c", "ls /srv; wget -qO- $KEEL_KV_URL/greeting.txt; touch /srv/x"]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("greeting.txt") && out.contains("hello over the bridge"), "stdout: {out}\nstderr: {err}\n{}", b.t.console());
+    assert!(err.contains("Read-only file system"), "the :ro volume refuses writes: {err}");
+    assert_eq!(o.status.code(), Some(1), "touch's failure is the container's exit code\n{err}");
     wait_until("the veth to go with the container", LONG, || !b.links().iter().any(|l| l.starts_with("kv")));
     wait_until("cleanup", LONG, || b.leftovers().is_empty());
 }
