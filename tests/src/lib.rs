@@ -16,3 +16,28 @@ pub mod net;
 pub mod probe;
 pub mod readme;
 pub mod vm;
+
+#[cfg(test)]
+mod workspace_checks {
+    /// A binary declared `test = false` (every Keel CLI: see clusterd/Cargo.toml) must not carry unit tests:
+    /// `cargo test` would never build or run them.
+    #[test]
+    fn binaries_without_a_test_harness_have_no_unit_tests() {
+        let ws = crate::image::workspace();
+        let mut checked = 0;
+        for krate in ["clusterd", "image", "init", "updater", "tests", "model"] {
+            let manifest = std::fs::read_to_string(ws.join(krate).join("Cargo.toml")).unwrap_or_default();
+            for block in manifest.split("[[bin]]").skip(1) {
+                let block = block.split("\n[").next().unwrap_or("");
+                if !block.lines().any(|l| l.replace(' ', "") == "test=false") {
+                    continue;
+                }
+                let path = block.lines().find_map(|l| l.strip_prefix("path = ")).map(|p| p.trim_matches('"')).unwrap_or("");
+                let src = std::fs::read_to_string(ws.join(krate).join(path)).unwrap_or_else(|e| panic!("{krate}/{path}: {e}"));
+                assert!(!src.contains("#[test]"), "{krate}/{path} has unit tests but `test = false`: move them into the library");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 14, "only {checked} binaries with test = false found; did the manifests change?");
+    }
+}

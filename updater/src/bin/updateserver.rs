@@ -9,27 +9,6 @@ use clap::{Parser, Subcommand};
 use keel_updater::server::{http, Config};
 use serde_json::Value;
 
-/// `--period`: plain seconds, or `d`/`h`/`m`/`s` parts as reboot windows' lengths are written (`1d`, `1h30m`).
-fn parse_period(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(secs);
-    }
-    let (days, rest) = match t.split_once('d') {
-        Some((d, rest)) => (d.parse::<i64>().map_err(|_| bad_period(s))?, rest),
-        None => (0, t),
-    };
-    let rest = if rest.is_empty() { Some(0) } else { keel_updater::reboot::window::parse_length(rest) };
-    rest.and_then(|r| days.checked_mul(86_400)?.checked_add(r))
-        .and_then(|total| u64::try_from(total).ok())
-        .filter(|&total| total > 0)
-        .ok_or_else(|| bad_period(s))
-}
-
-fn bad_period(s: &str) -> String {
-    format!("{s:?} is not a period; write e.g. 1h, 30m, 1d, 1h30m or seconds like 3600")
-}
-
 #[derive(Parser)]
 #[command(
     name = "updateserver",
@@ -127,7 +106,7 @@ enum GroupCmd {
         #[arg(long)]
         max_updates: Option<u32>,
         /// Length of the period the limit counts over: `1h`, `30m`, `1d`, `1h30m`, or plain seconds (`3600`)
-        #[arg(long, value_parser = parse_period)]
+        #[arg(long, value_parser = keel_updater::reboot::window::parse_period)]
         period: Option<u64>,
         /// Halt the group when a machine reports an error or rollback
         #[arg(long)]
@@ -348,20 +327,4 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_period;
-
-    #[test]
-    fn periods_read_as_the_help_writes_them() {
-        assert_eq!(parse_period("3600"), Ok(3600));
-        assert_eq!(parse_period("1h"), Ok(3600));
-        assert_eq!(parse_period("1h30m"), Ok(5400));
-        assert_eq!(parse_period("1d"), Ok(86_400));
-        assert_eq!(parse_period("2d12h"), Ok(216_000));
-        assert!(parse_period("1w").is_err());
-        assert!(parse_period("soon").is_err());
-    }
 }

@@ -102,6 +102,27 @@ fn parse_start(whole: &str, s: &str) -> Result<i64, WindowError> {
     Ok(h * 3600 + m * 60)
 }
 
+/// A period (updateserver's `--period`): plain seconds, or `d`/`h`/`m`/`s` parts as reboot windows' lengths are written (`1d`, `1h30m`).
+pub fn parse_period(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(secs);
+    }
+    let (days, rest) = match t.split_once('d') {
+        Some((d, rest)) => (d.parse::<i64>().map_err(|_| bad_period(s))?, rest),
+        None => (0, t),
+    };
+    let rest = if rest.is_empty() { Some(0) } else { parse_length(rest) };
+    rest.and_then(|r| days.checked_mul(86_400)?.checked_add(r))
+        .and_then(|total| u64::try_from(total).ok())
+        .filter(|&total| total > 0)
+        .ok_or_else(|| bad_period(s))
+}
+
+fn bad_period(s: &str) -> String {
+    format!("{s:?} is not a period; write e.g. 1h, 30m, 1d, 1h30m or seconds like 3600")
+}
+
 /// Parses `1h30m`, `90m`, `2h`, `45s` (units h, m, s; at least one).
 pub fn parse_length(s: &str) -> Option<i64> {
     let mut total = 0i64;
@@ -315,6 +336,17 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periods_read_as_the_help_writes_them() {
+        assert_eq!(parse_period("3600"), Ok(3600));
+        assert_eq!(parse_period("1h"), Ok(3600));
+        assert_eq!(parse_period("1h30m"), Ok(5400));
+        assert_eq!(parse_period("1d"), Ok(86_400));
+        assert_eq!(parse_period("2d12h"), Ok(216_000));
+        assert!(parse_period("1w").is_err());
+        assert!(parse_period("soon").is_err());
+    }
 
     /// 2024-01-01 00:00:00 UTC, a Monday.
     const MON: i64 = 1_704_067_200;
