@@ -17,6 +17,20 @@ pub mod probe;
 pub mod readme;
 pub mod vm;
 
+use std::time::{Duration, Instant};
+
+/// Poll `cond` every 100 ms until it holds: how long that took, or "`what` did not happen within `timeout`".
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<Duration, String> {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() >= timeout {
+            return Err(format!("{what} did not happen within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(start.elapsed())
+}
+
 #[cfg(test)]
 mod workspace_checks {
     /// A binary declared `test = false` (every Keel CLI: see clusterd/Cargo.toml) must not carry unit tests:
@@ -25,7 +39,9 @@ mod workspace_checks {
     fn binaries_without_a_test_harness_have_no_unit_tests() {
         let ws = crate::image::workspace();
         let mut checked = 0;
-        for krate in ["clusterd", "image", "init", "updater", "tests", "model"] {
+        let root = std::fs::read_to_string(ws.join("Cargo.toml")).unwrap_or_default();
+        let members = root.lines().find_map(|l| l.strip_prefix("members = [")).unwrap_or("");
+        for krate in members.trim_end_matches(']').split(',').map(|m| m.trim().trim_matches('"')) {
             let manifest = std::fs::read_to_string(ws.join(krate).join("Cargo.toml")).unwrap_or_default();
             for block in manifest.split("[[bin]]").skip(1) {
                 let block = block.split("\n[").next().unwrap_or("");

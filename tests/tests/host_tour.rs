@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_tests::{image, readme};
+use keel_tests::{image, readme, wait_until};
 
 /// How long a person would keep retrying a tour line that depends on work still in flight.
 const RETRY: Duration = Duration::from_secs(60);
@@ -59,7 +59,8 @@ fn the_readme_host_tour_runs_as_written_beside_make_run_host() {
             .expect("scripts/run-host.sh"),
     );
     let log = || std::fs::read_to_string(&console_path).unwrap_or_default();
-    wait("init's control socket", Duration::from_secs(30), || state.join("init.sock").exists(), &log);
+    wait_until("init's control socket", Duration::from_secs(30), || state.join("init.sock").exists())
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", log()));
 
     let export = tour[0].replace("/tmp/keel-run", &state.display().to_string());
     // (line prefix, what the tour's comment promises, a check of the line's output).
@@ -100,7 +101,8 @@ fn the_readme_host_tour_runs_as_written_beside_make_run_host() {
     // Ctrl-C in the run-host terminal: every unit stops, the namespace ends, the web port is free again.
     term.signal("INT");
     let mut term = term;
-    wait("run-host to end after Ctrl-C", Duration::from_secs(30), || matches!(term.0.try_wait(), Ok(Some(_))), &log);
+    wait_until("run-host to end after Ctrl-C", Duration::from_secs(30), || matches!(term.0.try_wait(), Ok(Some(_))))
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", log()));
     assert!(log().contains("keel: starting init"), "{}", log());
     assert!(!port_answers(8080), "the demo web server outlived Ctrl-C:\n{}", log());
 }
@@ -147,12 +149,4 @@ fn follow(dir: &Path, script: &str, until: &str, timeout: Duration) -> String {
 
 fn port_answers(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).is_ok()
-}
-
-fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool, log: &dyn Fn() -> String) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; console:\n{}", log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

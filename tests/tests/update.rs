@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use keel_model::gpt::{self, SlotBits};
 use keel_image::mkimage::Manifest;
-use keel_tests::image;
+use keel_tests::{image, wait_until};
 use keel_tests::vm::{self, Disk, Vm, VmOptions};
 use serde_json::Value;
 
@@ -338,15 +338,6 @@ fn wait_status(vm: &mut Vm, what: &str, timeout: Duration, pred: impl Fn(&Value)
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "{what} did not happen within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    t.elapsed()
-}
-
 /// The guest reboots through init; QEMU runs with -no-reboot, so it exits, and the test starts it again.
 fn reboot(mut vm: Vm) -> Duration {
     let t = Instant::now();
@@ -387,7 +378,8 @@ fn expect_blessed_v2(vm: &mut Vm, disk: &Disk, server: &Server) -> Duration {
     assert!(esp.stdout.contains("keel-2.0.0-usr-b.efi"), "B's UKI still counts boots after the blessing: {}", esp.stdout);
     wait_until("the server seeing 3/2 with previousversion 1.0.0", Duration::from_secs(30), || {
         server.has_event(3, 2, |e| e["previous_version"] == "1.0.0")
-    });
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     bless
 }
 
@@ -516,7 +508,8 @@ fn v3_with_a_failing_health_gate_falls_back_by_itself_and_reports_44() {
     assert_eq!(os_version(&mut vm), "1.0.0", "the fallback boot does not run 1.0.0");
     let waited = wait_until("the server seeing 3/0 with error code 44", Duration::from_secs(60), || {
         server.has_event(3, 0, |e| e["error_code"] == 44)
-    });
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let m = server.machine();
     assert_eq!(m["state"], "rolled-back", "{m}");
     let groups = server.admin(&["groups"]);
@@ -611,7 +604,8 @@ fn killing_qemu_during_apply_always_leaves_a_bootable_machine_that_finishes_the_
     assert_eq!(os_version(&mut vm), "2.0.0");
     wait_status(&mut vm, "the health gate blessing B", Duration::from_secs(120), |s| s["health"] == "good");
     assert_eq!(slot_bits(&disk, "USR-B"), SlotBits { priority: 2, tries: 0, successful: true });
-    wait_until("the server hearing from 2.0.0", Duration::from_secs(30), || server.machine()["version"] == "2.0.0");
+    wait_until("the server hearing from 2.0.0", Duration::from_secs(30), || server.machine()["version"] == "2.0.0")
+        .unwrap_or_else(|e| panic!("{e}"));
     let m = server.machine();
     assert_eq!(m["version"], "2.0.0", "{m}");
     let ids = server.machines().len();
