@@ -118,8 +118,28 @@ impl Cbox {
         n
     }
 
-    fn init_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.init_pid())).map(|d| d.count()).unwrap_or(0)
+    /// What init's open descriptors point at (`pipe:[…]`, `socket:[…]`, a path), sorted: a failed comparison
+    /// names the kind of descriptor that leaked.
+    fn init_fds(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.init_pid());
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// How many of init's descriptors are control connections (initctl's): init closes its end when it sees the
+    /// client's, which can be just after the client has its reply. They are the sockets missing from init's
+    /// /proc/net/unix, which lists its bound sockets (the control socket, the notify socket) but not accepted ones.
+    fn init_connections(&self) -> usize {
+        let table = std::fs::read_to_string(format!("/proc/{}/net/unix", self.init_pid())).unwrap_or_default();
+        // Num RefCount Protocol Flags Type St Inode [Path]
+        let bound: Vec<String> = table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(6)).map(|i| format!("socket:[{i}]")).collect();
+        self.init_fds().iter().filter(|t| t.starts_with("socket:") && !bound.contains(t)).count()
     }
 }
 
@@ -130,8 +150,12 @@ fn initctl_images(images: &Path, args: &[&str]) -> Output {
 
 /// Like `TestInit::launch(true)`, plus a network namespace and the store roots.
 fn launch(t: &mut TestInit, images: &Path, containers: &Path) {
+    launch_in(t, images, containers, cgroup2_root());
+}
+
+/// `launch` with init's cgroup2 root `root` (None: init runs without cgroups).
+fn launch_in(t: &mut TestInit, images: &Path, containers: &Path, root: Option<PathBuf>) {
     let n = N.fetch_add(1, Ordering::SeqCst);
-    let root = cgroup2_root();
     let cg = root.as_ref().map(|r| r.join(format!("keel-ctest-{}-{n}", std::process::id())));
     if let Some(cg) = &cg {
         std::fs::create_dir_all(cg).expect("create test cgroup");
@@ -245,6 +269,9 @@ fn initctl_run_shows_output_and_propagates_the_exit_code() {
     assert_eq!(o.status.code(), Some(7), "exit code propagated\nstdout:{out}\nstderr:{err}\n{}", b.t.console());
     assert!(out.contains("to-stdout"), "stdout: {out}");
     assert!(err.contains("to-stderr"), "stderr: {err}");
+    // --rm freed the name run-1.service: the next run gets it, and shows only its own output.
+    let o = b.ctl(&["run", "--rm", "busybox", "echo", "second"]);
+    assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()), (Some(0), "second\n"), "{}", String::from_utf8_lossy(&o.stderr));
     let o = b.ctl(&["run", "busybox", "no-such-program"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -323,6 +350,172 @@ fn a_corrupt_blob_is_refused_and_named() {
     assert!(err.contains(&layer) && err.contains("corrupt"), "the message names the blob: {err}");
     let list = initctl_images(&images, &["image", "list"]);
     assert!(!String::from_utf8_lossy(&list.stdout).contains("layout"), "nothing was recorded");
+}
+
+/// Tries to open each argument for reading (or, after `-w`, for writing) and prints `<path><mode> open` or
+/// `<path><mode> refused: <the shell's error>`. Run as `sh /p/probe.sh PATH…` with the test's directory on /p.
+const OPEN_PROBE: &str = r#"m='<'
+for d in "$@"; do
+  if [ "$d" = -w ]; then m='>'; continue; fi
+  if [ "$m" = '<' ]; then (exec 3<"$d") 2>/tmp/e; else (exec 3>"$d") 2>/tmp/e; fi
+  if [ $? = 0 ]; then echo "$d$m open"; else echo "$d$m refused: $(cat /tmp/e)"; fi
+done
+"#;
+
+/// A tar header of `kind` with no data, owned by root, mtime 0.
+fn empty_entry(kind: tar::EntryType, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
+/// A tar layer holding device nodes `(path, 'c'|'b', major, minor)`, mode 0666.
+fn device_layer(nodes: &[(&str, char, u32, u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, major, minor) in nodes {
+        let mut h = empty_entry(if *kind == 'b' { tar::EntryType::Block } else { tar::EntryType::Char }, 0o666);
+        h.set_device_major(*major).expect("major");
+        h.set_device_minor(*minor).expect("minor");
+        b.append_data(&mut h, path, std::io::empty()).expect("node");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// The block device under the test's own files (the host's disk), when they are on one.
+fn host_block_device(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    (major != 0 && Path::new(&format!("/sys/dev/block/{major}:{minor}")).exists()).then_some((major, minor))
+}
+
+/// No way into the host's devices: a container opens only the usual ones (/dev/null, zero, full, random,
+/// urandom, tty, ptmx, pts) and device files its unit binds in as volumes (`:ro` ones only for reading; here
+/// /dev/fuse and /dev/net/tun, which open without capabilities). Not a node it makes with
+/// `AddCapability=MKNOD` (the host's disk, kernel log and fuse, in /dev and in its root), not one under a
+/// directory volume (`-v /dev:/hostdev`), and a node in an image layer is not a device at all.
+#[test]
+fn a_container_opens_only_the_usual_devices_and_the_device_volumes_it_is_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("probe.sh"), OPEN_PROBE).expect("probe");
+    let p = format!("{}:/p:ro", dir.path().display());
+    let (major, minor) = host_block_device(dir.path()).unwrap_or((1, 1)); // else /dev/mem
+    let layout = dir.path().join("devnodes");
+    let layers = [keel_init::images::import::busybox_layer(Path::new(busybox())).expect("busybox layer"), device_layer(&[("hostdisk", 'b', major, minor)])];
+    keel_init::images::import::write_oci_layout(&layout, "latest", &keel_init::images::import::busybox_config(), &layers).expect("layout");
+    let mknod = format!(
+        "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'mknod /dev/disk b {major} {minor} && mknod /dev/k c 1 11 && mknod /dev/f c 10 229 && mknod /k c 10 229 && echo made; \
+         sh /p/probe.sh /dev/disk /dev/f /k /dev/null -w /dev/k /dev/f; dd if=/dev/disk bs=512 count=1 | wc -c'\n\
+         [Container]\nImage=busybox\nAddCapability=MKNOD\nVolume={p}\n"
+    );
+    let b = Cbox::start(&[("mknod.service", &mknod)], &[]);
+
+    let o = b.ctl(&["start", "mknod.service"]);
+    let logs = b.logs("mknod.service");
+    assert!(logs.contains("made"), "with MKNOD given back, mknod works: {}\n{logs}\n{}", String::from_utf8_lossy(&o.stderr), b.t.console());
+    for dev in ["/dev/disk<", "/dev/f<", "/k<", "/dev/k>", "/dev/f>"] {
+        assert!(logs.contains(&format!("{dev} refused")), "a node the container made must not open ({dev}):\n{logs}");
+    }
+    assert!(logs.contains("/dev/null< open"), "{logs}");
+    assert!(!logs.lines().any(|l| l.trim() == "512"), "the host's disk was read from the container:\n{logs}");
+
+    let usual = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/ptmx"];
+    let mut args = vec!["run", "--rm", "-v", &p, "-v", "/dev:/hostdev", "-v", "/dev/fuse:/dev/fuse:ro", "-v", "/dev/net/tun:/dev/tun", "busybox", "sh", "/p/probe.sh"];
+    args.extend(usual);
+    args.extend(["/dev/fuse", "/dev/tun", "/hostdev/loop-control", "/hostdev/null", "-w", "/dev/null", "/dev/tun", "/dev/fuse", "/hostdev/kmsg"]);
+    let o = b.ctl(&args);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr));
+    let opens = usual.iter().map(|d| format!("{d}<")).chain(["/dev/fuse<", "/dev/tun<", "/hostdev/null<", "/dev/null>", "/dev/tun>"].map(String::from));
+    for dev in opens {
+        assert!(out.contains(&format!("{dev} open")), "{dev} opens:\n{out}\nstderr: {err}\n{}", b.t.console());
+    }
+    assert!(out.contains("/dev/fuse> refused"), "a read-only device volume does not open for writing:\n{out}");
+    for dev in ["/hostdev/loop-control<", "/hostdev/kmsg>"] {
+        assert!(out.contains(&format!("{dev} refused")), "a device under a directory volume is not given ({dev}):\n{out}");
+    }
+
+    let o = initctl_images(&b.images, &["image", "import", "--name", "devnodes", &layout.display().to_string()]);
+    assert!(o.status.success(), "import: {}", String::from_utf8_lossy(&o.stderr));
+    let o = b.ctl(&["run", "--rm", "devnodes", "sh", "-c", "test -b /hostdisk && echo is-a-device; wc -c < /hostdisk"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.trim(), "0", "a device node in an image layer is an empty file:\n{out}");
+    wait_until("cleanup", LONG, || b.leftovers().is_empty());
+}
+
+/// A tar layer of symlinks `(name, target)`.
+fn symlink_layer(links: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, target) in links {
+        b.append_link(&mut empty_entry(tar::EntryType::Symlink, 0o777), name, target).expect("link");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// An image's symlinks are the container's own: a volume whose container path runs through one (`data -> /tmp`,
+/// `conf -> /tmp/<name>`) lands inside the container's root filesystem, as the path reads inside the container,
+/// and init creates nothing on the host where the links would point from the host's root.
+#[test]
+fn volumes_through_an_image_symlink_stay_inside_the_container() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = format!("keel-escape-{}", std::process::id());
+    let host_dir = Path::new("/tmp").join(&tag);
+    let host_file = Path::new("/tmp").join(format!("{tag}.conf"));
+    let _ = std::fs::remove_dir_all(&host_dir);
+    let _ = std::fs::remove_file(&host_file);
+    std::fs::create_dir_all(dir.path().join("vol")).expect("mkdir");
+    std::fs::write(dir.path().join("vol/hello"), "from the volume\n").expect("write");
+    std::fs::write(dir.path().join("file.conf"), "from the file volume\n").expect("write");
+    let layout = dir.path().join("linky");
+    let conf_target = format!("/tmp/{tag}.conf");
+    let layers = [
+        keel_init::images::import::busybox_layer(Path::new(busybox())).expect("busybox layer"),
+        symlink_layer(&[("data", "/tmp"), ("conf", &conf_target)]),
+    ];
+    keel_init::images::import::write_oci_layout(&layout, "latest", &keel_init::images::import::busybox_config(), &layers).expect("layout");
+    let u = format!(
+        "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'cat /data/{tag}/hello /conf; ls /tmp; echo done'\n\
+         [Container]\nImage=linky\nVolume={}:/data/{tag}\nVolume={}:/conf:ro\n",
+        dir.path().join("vol").display(),
+        dir.path().join("file.conf").display()
+    );
+    let b = Cbox::start(&[("linky.service", &u)], &[]);
+    let o = initctl_images(&b.images, &["image", "import", "--name", "linky", &layout.display().to_string()]);
+    assert!(o.status.success(), "import: {}", String::from_utf8_lossy(&o.stderr));
+    let o = b.ctl(&["start", "linky.service"]);
+    let logs = b.logs("linky.service");
+    let escaped = (host_dir.exists(), host_file.exists());
+    let _ = std::fs::remove_dir_all(&host_dir);
+    let _ = std::fs::remove_file(&host_file);
+    assert_eq!(escaped, (false, false), "init created {} / {} on the host through the image's symlinks\n{logs}", host_dir.display(), host_file.display());
+    assert!(
+        logs.contains("from the volume") && logs.contains("from the file volume") && logs.contains("done"),
+        "the volumes are where the container's own paths lead: {}\n{logs}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        b.t.console()
+    );
+    wait_until("cleanup", LONG, || b.leftovers().is_empty());
+}
+
+/// Without a cgroup of its own a container could open any device: init refuses to start it, and says why.
+#[test]
+fn without_cgroup2_a_container_is_refused_with_the_reason() {
+    let mut t = TestInit::prepare(&[], &[]);
+    let images = t.dir.path().join("images");
+    let containers = t.dir.path().join("containers");
+    assert!(initctl_images(&images, &["image", "import", "--name", "busybox", &busybox_layout().display().to_string()]).status.success());
+    launch_in(&mut t, &images, &containers, None);
+    let b = Cbox { t, images, containers };
+    b.t.wait_ready();
+    let o = b.ctl(&["run", "--rm", "busybox", "true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}\n{}", b.t.console());
+    assert!(err.contains("no cgroup2") && err.contains("devices"), "the reason is given: {err}");
+    wait_until("cleanup", LONG, || b.leftovers().is_empty());
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -423,6 +616,7 @@ fn cycle_without_leaks(cycles: usize) {
     // One warm-up cycle creates the bridge and the journal's files; count after it.
     assert!(b.ctl(&["start", "cycle.service"]).status.success(), "{}", b.t.console());
     assert!(b.ctl(&["stop", "cycle.service"]).status.success());
+    wait_until("init to close the last initctl connection", LONG, || b.init_connections() == 0);
     let fds = b.init_fds();
     let cgroups = b.cgroups();
     let t0 = Instant::now();
@@ -435,8 +629,9 @@ fn cycle_without_leaks(cycles: usize) {
     eprintln!("{cycles} start/stop cycles in {:?}", t0.elapsed());
     assert!(b.host_mounts().is_empty(), "mounts left: {:?}", b.host_mounts());
     assert!(b.leftovers().is_empty(), "files left: {:?}", b.leftovers());
-    assert_eq!(b.init_fds(), fds, "init's open fds");
-    assert_eq!(b.cgroups(), cgroups, "cgroups");
+    let settled = eventually(LONG, || b.init_connections() == 0 && b.init_fds().len() == fds.len());
+    assert!(settled, "init's open fds, before the cycles and now:\n{fds:?}\n{:?}", b.init_fds());
+    wait_until(&format!("the cgroups back to {cgroups}"), LONG, || b.cgroups() == cgroups);
     wait_until("veths to go with their containers", LONG, || b.links().iter().filter(|l| l.starts_with("kv")).count() == 0);
 }
 

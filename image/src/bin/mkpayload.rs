@@ -49,6 +49,8 @@ the id is the first 8 bytes of sha256(public key) in hex. Copy the .pub into the
     },
     /// Build and sign a payload from a USR image and a UKI
     #[command(
+        override_usage = "mkpayload build [OPTIONS] --key <KEY> --version <VERSION> --channel <CHANNEL>\n                      \
+                          --usr <USR> --kernel <KERNEL> --output <OUTPUT>",
         long_about = "Build and sign a payload from a USR image and a kernel image (UKI).\n\nExample:\n  \
 mkpayload build --key keys/ab12.key --version 1.2.0 --channel stable \\\n      --usr usr.img --kernel keel.efi -o keel-1.2.0.payload\n\n\
 --min-version sets a floor: machines running older versions refuse the payload (install the floor first)."

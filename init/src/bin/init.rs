@@ -7,14 +7,14 @@ use keel_init::journal::Limits;
 use keel_init::run::{self, Init, Mode, Options};
 
 const LONG_ABOUT: &str = "\
-Keel's init. As PID 1 of a machine it mounts the pseudo-filesystems, sets the hostname, supervises every unit
-(services, targets, containers) and, on reboot or poweroff, stops them in reverse dependency order before
-calling reboot(2). Started as an ordinary process it is a child subreaper that supervises the same units, which
-is how tests and developers run it.
+Keel's init. As PID 1 of a machine it mounts the pseudo-filesystems, sets the hostname, supervises
+every unit (services, targets, containers) and, on reboot or poweroff, stops them in reverse
+dependency order before calling reboot(2). Started as an ordinary process it is a child subreaper
+that supervises the same units, which is how tests and developers run it.
 
 Units are systemd-style unit files, searched in --units-dir order (first match wins): by default
-/etc/keel/units, /run/keel/units and /usr/lib/keel/units. At start init starts --target and everything it
-wants or requires. Control it with `initctl` over the --socket.
+/etc/keel/units, /run/keel/units and /usr/lib/keel/units. At start init starts --target and
+everything it wants or requires. Control it with `initctl` over the --socket.
 
 SIGNALS
   SIGTERM, SIGINT       reboot (PID 1 of a machine) or stop everything and exit (otherwise)
@@ -37,12 +37,14 @@ Usage: init [OPTIONS]
 Options:
       --units-dir DIR       A directory of unit files; repeat for several (earlier ones win).
                             Default: /etc/keel/units, /run/keel/units, /usr/lib/keel/units
-      --target UNIT         The unit to start at boot, with everything it wants [default: default.target]
+      --target UNIT         The unit to start at boot, with everything it wants
+                            [default: default.target]
       --state-dir DIR       Where sockets (and, unless --journal-dir, the journal) live.
                             Default: /run/keel for sockets, /var/log/keel/journal for the journal
       --socket PATH         The control socket initctl talks to [default: STATE_DIR/init.sock]
       --journal-dir DIR     Journal directory [default: STATE_DIR/journal or /var/log/keel/journal]
-      --journal-max-mib N   Journal size bound in MiB; oldest segments are deleted beyond it [default: 64]
+      --journal-max-mib N   Journal size bound in MiB; oldest segments are deleted beyond it
+                            [default: 64]
       --cgroup-root DIR     Where a cgroup2 hierarchy is mounted [default: /sys/fs/cgroup]
       --hostname NAME       Hostname to set (PID 1 only) [default: /etc/hostname]
       --forward-to-console  Also print every unit's output on init's stderr (the console)

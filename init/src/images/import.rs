@@ -288,6 +288,21 @@ pub fn write_oci_layout(dir: &Path, tag: &str, config: &ImageConfig, layers: &[V
 /// `/etc/group`, and empty `/proc /sys /dev /tmp`. Written as an OCI layout in `dir`. For tests, benchmarks and
 /// as a minimal base image (`initctl image busybox`).
 pub fn write_busybox_layout(dir: &Path, busybox: &Path, tag: &str) -> std::io::Result<String> {
+    write_oci_layout(dir, tag, &busybox_config(), &[busybox_layer(busybox)?])
+}
+
+/// The config of [`write_busybox_layout`]'s image: `PATH=/bin`, command `sh`.
+pub fn busybox_config() -> ImageConfig {
+    ImageConfig {
+        architecture: oci::host_arch().into(),
+        os: "linux".into(),
+        config: Some(oci::ExecConfig { env: Some(vec!["PATH=/bin".into()]), cmd: Some(vec!["sh".into()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The gzip-compressed layer of [`write_busybox_layout`]'s image (tests stack layers of their own on it).
+pub fn busybox_layer(busybox: &Path) -> std::io::Result<Vec<u8>> {
     let applets = std::process::Command::new(busybox).arg("--list").output()?;
     let mut b = tar::Builder::new(Vec::new());
     let header = |kind: tar::EntryType, mode: u32, size: u64| {
@@ -321,15 +336,5 @@ pub fn write_busybox_layout(dir: &Path, busybox: &Path, tag: &str) -> std::io::R
     let layer = b.into_inner()?;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &layer)?;
-    let config = ImageConfig {
-        architecture: oci::host_arch().into(),
-        os: "linux".into(),
-        config: Some(oci::ExecConfig {
-            env: Some(vec!["PATH=/bin".into()]),
-            cmd: Some(vec!["sh".into()]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    write_oci_layout(dir, tag, &config, &[gz.finish()?])
+    gz.finish()
 }

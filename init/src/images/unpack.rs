@@ -46,6 +46,26 @@ fn safe_rel(p: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
+/// The directory `dest/rel` for a whiteout entry `entry`, made one component at a time without following any
+/// symlink: an earlier entry may have made a component a symlink to anywhere on the host (`etc -> /`), and
+/// `create_dir_all` would create directories there. A whiteout below a symlink or a file is refused.
+fn whiteout_dir(dest: &Path, rel: &Path, entry: &Path) -> Result<PathBuf, String> {
+    let mut cur = dest.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!("whiteout {} lies behind a symlink ({}); refusing a path that may leave the layer", entry.display(), cur.display()))
+            }
+            Ok(_) => return Err(format!("whiteout {} lies below a file ({})", entry.display(), cur.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&cur).map_err(|e| format!("{}: {e}", cur.display()))?,
+            Err(e) => return Err(format!("{}: {e}", cur.display())),
+        }
+    }
+    Ok(cur)
+}
+
 /// Unpack the layer blob at `blob` into the (new) directory `dest`.
 pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
     let f = fs::File::open(blob).map_err(|e| format!("{}: {e}", blob.display()))?;
@@ -58,7 +78,6 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
     ar.set_unpack_xattrs(true);
     ar.set_overwrite(true);
     let entries = ar.entries().map_err(|e| format!("not a tar archive: {e}"))?;
-    let root = dest.canonicalize().map_err(|e| format!("{}: {e}", dest.display()))?;
     let mut opaque = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| format!("damaged tar stream: {e}"))?;
@@ -66,13 +85,7 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
         let rel = safe_rel(&path)?;
         let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Some(hidden) = name.strip_prefix(".wh.") {
-            let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
-            fs::create_dir_all(&parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-            // An earlier entry may have made a directory on the way a symlink: never follow it out of the layer.
-            let real = parent.canonicalize().map_err(|e| format!("{}: {e}", parent.display()))?;
-            if !real.starts_with(&root) {
-                return Err(format!("whiteout {} points outside the layer through a symlink", path.display()));
-            }
+            let parent = whiteout_dir(dest, rel.parent().unwrap_or(Path::new("")), &path)?;
             if hidden == ".wh..opq" {
                 opaque.push(parent);
             } else {
@@ -93,7 +106,8 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<(), String> {
     }
     // After the directory entries themselves (whose unpacking would not remove the xattr, but keep it simple).
     for dir in opaque {
-        rustix::fs::setxattr(&dir, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
+        // lsetxattr: should a later entry have put a symlink there, it marks the link, not where it points.
+        rustix::fs::lsetxattr(&dir, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
             .map_err(|e| format!("opaque directory {}: {e}", dir.display()))?;
     }
     Ok(())
@@ -141,32 +155,45 @@ mod tests {
         }
     }
 
-    #[test]
-    fn whiteouts_behind_a_symlink_cannot_leave_the_layer() {
+    /// Unpack a layer of `etc -> <dir>/outside` followed by empty `entries`; returns the error and what appeared
+    /// in `outside`.
+    fn unpack_behind_symlink(entries: &[&str]) -> (String, Vec<std::ffi::OsString>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = dir.path().join("outside");
         fs::create_dir_all(&outside).expect("mkdir");
         let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        b.append_link(&mut h, "etc", &outside).expect("link");
-        let mut w = tar::Header::new_gnu();
-        w.set_size(0);
-        w.set_mode(0o644);
-        w.set_uid(0);
-        w.set_gid(0);
-        w.set_mtime(0);
-        b.append_data(&mut w, "etc/.wh.passwd", std::io::empty()).expect("wh");
+        let header = |kind: tar::EntryType, mode: u32| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(0);
+            h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h
+        };
+        b.append_link(&mut header(tar::EntryType::Symlink, 0o777), "etc", &outside).expect("link");
+        for e in entries {
+            b.append_data(&mut header(tar::EntryType::Regular, 0o644), e, std::io::empty()).expect("entry");
+        }
         let blob = dir.path().join("blob");
         fs::write(&blob, b.into_inner().expect("tar")).expect("write");
         let err = unpack_layer(&blob, &dir.path().join("out")).unwrap_err();
-        assert!(err.contains("outside the layer"), "{err}");
-        assert!(fs::read_dir(&outside).expect("read").next().is_none(), "nothing created outside");
+        (err, fs::read_dir(&outside).expect("read").flatten().map(|e| e.file_name()).collect())
+    }
+
+    #[test]
+    fn whiteouts_behind_a_symlink_cannot_leave_the_layer() {
+        let (err, made) = unpack_behind_symlink(&["etc/.wh.passwd"]);
+        assert!(err.contains("behind a symlink"), "{err}");
+        assert!(made.is_empty(), "created outside the layer: {made:?}");
+    }
+
+    #[test]
+    fn a_whiteout_deeper_behind_a_symlink_creates_nothing_outside() {
+        let (err, made) = unpack_behind_symlink(&["etc/made/by/layer/.wh.x", "etc/opq/.wh..wh..opq"]);
+        assert!(err.contains("behind a symlink"), "{err}");
+        assert!(made.is_empty(), "directories created outside the layer: {made:?}");
     }
 
     #[test]

@@ -4,25 +4,49 @@
 //! Owns: the child-side sequence — join the unit's cgroup, stdio, wait for the parent's go-ahead (network set
 //! up), make the mount tree private, mount the rootfs and volumes, /proc, /sys (read-only), a minimal /dev,
 //! hostname, pivot_root, read-only remounts, bounding/effective capabilities, credentials, no_new_privs,
-//! seccomp, exec. Everything is prepared by the parent (`plan`), so the child only makes syscalls on memory it
+//! seccomp, exec. Until pivot_root the host's `/` is still this process's root, so every path inside the
+//! container's root filesystem is an [`InRoot`], resolved by the kernel inside that root. Everything is prepared by the parent (`plan`), so the child only makes syscalls on memory it
 //! was handed and never allocates (init is single-threaded, but tests and `initctl` may not be).
 //! Does not: decide anything; on the first failing step it writes `[stage, index, errno]` into the report pipe
 //! and exits 127, and the parent turns that into a message.
 
-use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 
 use nix::errno::Errno;
+
+/// A path inside the container's root filesystem, resolved by the kernel as if that root were `/` (openat2's
+/// RESOLVE_IN_ROOT) although the child still runs in the host's root: an image's symlinks (`data -> /etc`) and
+/// `..` lead where they lead inside the container, never out to the host. `parent` and `name` split `rel` for
+/// the calls that create the last component (mkdirat, mknodat, symlinkat), which never follow it.
+pub struct InRoot {
+    /// Relative to the root filesystem (`dev/pts`); `.` is the root itself.
+    pub rel: CString,
+    /// `rel` without its last component (`.` at the top).
+    pub parent: CString,
+    pub name: CString,
+}
+
+/// Where a mount goes.
+pub enum Target {
+    /// A path as this process sees it (the host's, or the container's once pivot_root is done).
+    Path(CString),
+    /// A path inside the container's root filesystem (before pivot_root).
+    InRoot(CString),
+}
 
 /// One step of building the container's filesystem, run in order.
 pub enum FsOp {
     /// mkdir, ignoring EEXIST.
-    Mkdir { path: CString, mode: u32 },
+    Mkdir { at: InRoot, mode: u32 },
     /// Create an empty file unless something exists there (a bind-mount target for a file volume).
-    Touch { path: CString },
-    Mount { src: Option<CString>, target: CString, fstype: Option<CString>, flags: u64, data: Option<CString> },
-    Mknod { path: CString, mode: u32, major: u32, minor: u32 },
-    Symlink { target: CString, link: CString },
+    Touch { at: InRoot },
+    Mount { src: Option<CString>, target: Target, fstype: Option<CString>, flags: u64, data: Option<CString> },
+    /// A character device node.
+    Mknod { at: InRoot, perm: u32, major: u32, minor: u32 },
+    Symlink { target: CString, at: InRoot },
 }
 
 /// Which step failed (first byte of the report).
@@ -120,40 +144,77 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
     c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
 }
 
-fn run_op(op: &FsOp) -> Result<(), Errno> {
+fn errno(e: rustix::io::Errno) -> Errno {
+    Errno::from_raw(e.raw_os_error())
+}
+
+/// Open `rel` inside the root filesystem `rootfs` (see [`InRoot`]).
+fn open_in_root(rootfs: &CStr, rel: &CStr, flags: OFlags, mode: u32) -> Result<OwnedFd, Errno> {
+    let root = rustix::fs::open(rootfs, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(errno)?;
+    rustix::fs::openat2(&root, rel, flags | OFlags::CLOEXEC, Mode::from_raw_mode(mode), ResolveFlags::IN_ROOT).map_err(errno)
+}
+
+fn parent_in_root(rootfs: &CStr, at: &InRoot) -> Result<OwnedFd, Errno> {
+    open_in_root(rootfs, &at.parent, OFlags::PATH | OFlags::DIRECTORY, 0)
+}
+
+/// `/proc/self/fd/<fd>` in `buf`: mount(2) takes a path, and this one names exactly the file `fd` resolved to.
+fn fd_path<'a>(buf: &'a mut [u8; 32], fd: &OwnedFd) -> &'a CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let (mut n, mut len) = (fd.as_raw_fd() as u32, 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"/proc/self/fd")
+}
+
+fn ignore_exists(r: rustix::io::Result<()>) -> Result<(), Errno> {
+    match r {
+        Err(rustix::io::Errno::EXIST) => Ok(()),
+        r => r.map_err(errno),
+    }
+}
+
+fn run_op(op: &FsOp, rootfs: &CStr) -> Result<(), Errno> {
     match op {
-        FsOp::Mkdir { path, mode } => {
-            // SAFETY: `path` is a NUL-terminated string owned by the plan.
-            match check(unsafe { libc::mkdir(path.as_ptr(), *mode) }) {
-                Err(Errno::EEXIST) => Ok(()),
-                r => r,
-            }
+        FsOp::Mkdir { at, mode } => {
+            let dir = parent_in_root(rootfs, at)?;
+            ignore_exists(rustix::fs::mkdirat(&dir, at.name.as_c_str(), Mode::from_raw_mode(*mode)))
         }
-        FsOp::Touch { path } => {
-            // SAFETY: `path` is a NUL-terminated string owned by the plan; the fd is closed right below.
-            let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };
-            if fd < 0 {
-                return Err(Errno::last());
-            }
-            // SAFETY: `fd` was just opened by this process and is not used again.
-            unsafe { libc::close(fd) };
-            Ok(())
-        }
+        FsOp::Touch { at } => open_in_root(rootfs, &at.rel, OFlags::CREATE | OFlags::RDONLY, 0o644).map(drop),
         FsOp::Mount { src, target, fstype, flags, data } => {
-            // SAFETY: every pointer is a NUL-terminated string owned by the plan, or null where mount(2) accepts null;
-            // this changes only the mount table of the child's own (new) mount namespace.
+            let mut buf = [0u8; 32];
+            let resolved;
+            let target = match target {
+                Target::Path(p) => p.as_c_str(),
+                Target::InRoot(rel) => {
+                    resolved = open_in_root(rootfs, rel, OFlags::PATH, 0)?;
+                    fd_path(&mut buf, &resolved)
+                }
+            };
+            // SAFETY: every pointer is a NUL-terminated string owned by the plan or this frame, or null where
+            // mount(2) accepts null; this changes only the mount table of the child's own (new) mount namespace.
             check(unsafe { libc::mount(opt_ptr(src), target.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast()) })
         }
-        FsOp::Mknod { path, mode, major, minor } => {
-            // SAFETY: `path` is a NUL-terminated string owned by the plan.
-            check(unsafe { libc::mknod(path.as_ptr(), *mode, libc::makedev(*major, *minor)) })
+        FsOp::Mknod { at, perm, major, minor } => {
+            let dir = parent_in_root(rootfs, at)?;
+            let dev = rustix::fs::makedev(*major, *minor);
+            rustix::fs::mknodat(&dir, at.name.as_c_str(), FileType::CharacterDevice, Mode::from_raw_mode(*perm), dev).map_err(errno)
         }
-        FsOp::Symlink { target, link } => {
-            // SAFETY: both are NUL-terminated strings owned by the plan.
-            match check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }) {
-                Err(Errno::EEXIST) => Ok(()),
-                r => r,
-            }
+        FsOp::Symlink { target, at } => {
+            let dir = parent_in_root(rootfs, at)?;
+            ignore_exists(rustix::fs::symlinkat(target.as_c_str(), &dir, at.name.as_c_str()))
         }
     }
 }
@@ -215,7 +276,7 @@ fn run_child(plan: &ChildPlan) -> ! {
     // SAFETY: umask only changes this process's file-creation mask (device nodes need 0666).
     unsafe { libc::umask(0) };
     for (i, op) in plan.fs.iter().enumerate() {
-        if let Err(e) = run_op(op) {
+        if let Err(e) = run_op(op, &plan.rootfs) {
             fail(plan, Stage::Fs, i, e);
         }
     }
@@ -238,7 +299,7 @@ fn run_child(plan: &ChildPlan) -> ! {
         fail(plan, Stage::Pivot, 0, e);
     }
     for (i, op) in plan.after_pivot.iter().enumerate() {
-        if let Err(e) = run_op(op) {
+        if let Err(e) = run_op(op, c"/") {
             fail(plan, Stage::AfterPivot, i, e);
         }
     }

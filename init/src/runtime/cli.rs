@@ -25,7 +25,8 @@ pub struct RunArgs {
     /// `host` (default) or `private` (own netns on the keel0 bridge).
     #[arg(long, value_name = "host|private")]
     pub net: Option<String>,
-    /// HOST:CONTAINER[:ro] bind mount; repeatable.
+    /// HOST:CONTAINER[:ro] bind mount; repeatable. A device file (`-v /dev/fuse:/dev/fuse`) also lets the
+    /// container open that device (read-only with :ro); no other host device opens inside.
     #[arg(short = 'v', long = "volume")]
     pub volumes: Vec<String>,
     /// NAME=value; repeatable.
@@ -53,6 +54,15 @@ fn print_new(client: &mut Client, unit: &str, after: &mut Option<u64>) -> anyhow
         out.flush()?;
     }
     Ok(())
+}
+
+/// The seq of the journal's newest record, if it has any.
+fn journal_end(client: &mut Client) -> anyhow::Result<Option<u64>> {
+    let q = Query { last: Some(1), ..Query::default() };
+    Ok(match client.call(&Request::Logs { query: q, follow: false })? {
+        Reply::Records { records } => records.last().map(|r| r.seq),
+        _ => None,
+    })
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -84,6 +94,8 @@ pub fn run(socket: &Path, args: &RunArgs) -> anyhow::Result<i32> {
         environment: args.env.clone(),
     };
     let mut client = Client::connect(socket)?;
+    // `--rm` frees the name, so an earlier run's output may be in the journal under it: show only what is newer.
+    let mut after = journal_end(&mut client)?;
     let (unit, ok, message) = match client.call(&Request::Run { spec })? {
         Reply::Job { unit, ok, message, .. } => (unit, ok, message),
         Reply::Error { message, .. } => {
@@ -92,7 +104,6 @@ pub fn run(socket: &Path, args: &RunArgs) -> anyhow::Result<i32> {
         }
         other => anyhow::bail!("unexpected reply from init: {other:?}"),
     };
-    let mut after = None;
     if !ok {
         print_new(&mut client, &unit, &mut after)?;
         eprintln!("initctl: {unit}: {message}");

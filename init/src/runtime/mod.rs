@@ -19,6 +19,7 @@
 
 pub mod child;
 pub mod cli;
+pub mod devices;
 pub mod net;
 pub mod seccomp;
 pub mod spec;
@@ -36,7 +37,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 
 use crate::images::{self, ImageRecord, Store};
-use child::{ChildPlan, FsOp, Stage};
+use child::{ChildPlan, FsOp, InRoot, Stage, Target};
 pub use spec::{ContainerSpec, Network, Volume};
 
 pub const DEFAULT_CONTAINERS_ROOT: &str = "/var/lib/keel/containers";
@@ -56,6 +57,10 @@ pub enum ContainerError {
     UnknownUser { user: String, image: String },
     #[error("group {group:?} is not in /etc/group of image {image}")]
     UnknownGroup { group: String, image: String },
+    #[error("cannot restrict which devices the container opens: {0}")]
+    Devices(#[from] devices::DeviceError),
+    #[error("init has no cgroup2 for this unit, so it cannot restrict which devices the container opens; containers need cgroup2 (init's --cgroup-root) and a kernel with CONFIG_CGROUP_BPF")]
+    NoCgroup,
     #[error("image {image} has no command: set Command= or ExecStart=")]
     NoCommand { image: String },
     #[error("volume {host}: {source} (the host path of Volume= must exist)")]
@@ -90,6 +95,16 @@ fn cpath(p: &Path) -> Result<CString, ContainerError> {
     cstr(p.as_os_str().as_bytes())
 }
 
+/// `path` (inside the container, with or without a leading `/`) as the child resolves it: inside the root.
+fn in_root(path: &str) -> Result<InRoot, ContainerError> {
+    let rel = path.trim_matches('/');
+    let (parent, name) = match rel.rsplit_once('/') {
+        Some((p, n)) => (p, n),
+        None => (".", if rel.is_empty() { "." } else { rel }),
+    };
+    Ok(InRoot { rel: cstr(if rel.is_empty() { "." } else { rel })?, parent: cstr(parent)?, name: cstr(name)? })
+}
+
 /// The child's filesystem steps before and after pivot_root, each with a description for error messages.
 type FsSteps = (Vec<FsOp>, Vec<String>, Vec<FsOp>, Vec<String>);
 
@@ -112,6 +127,9 @@ pub struct StartRequest<'a> {
     pub stdout: RawFd,
     pub stderr: RawFd,
     pub cgroup_procs: Option<RawFd>,
+    /// The unit's cgroup2 directory, which gets the container's device program (see `devices`). Without one the
+    /// container is not started: nothing would stop it opening the host's devices.
+    pub cgroup_dir: Option<&'a Path>,
     /// `MemoryMax=` and `TasksMax=`, applied through cgroup v1 when those controllers are not in cgroup2 (see `v1`).
     pub memory_max: Option<u64>,
     pub tasks_max: Option<u64>,
@@ -136,14 +154,23 @@ pub struct Plan {
     pub caps: u64,
 }
 
-/// Find `rel` (e.g. "etc/passwd") in the layers, top first, as overlayfs would (a whiteout hides it).
+/// Find `rel` (e.g. "etc/passwd") in the layers, top first, as overlayfs would (a whiteout hides it). These are
+/// host paths: a symlink on the way (`etc -> /etc`, `passwd -> /etc/shadow`) would read the host's file, so one
+/// ends the search, as if the file were not there.
 fn layered_file(lowerdirs: &[PathBuf], rel: &str) -> Option<String> {
     for l in lowerdirs {
-        let p = l.join(rel);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_char_device() => return None,
-            Ok(_) => return fs::read_to_string(&p).ok(),
-            Err(_) => continue,
+        let mut p = l.clone();
+        let mut parts = rel.split('/').peekable();
+        while let Some(part) = parts.next() {
+            p.push(part);
+            let meta = fs::symlink_metadata(&p);
+            match (&meta, parts.peek().is_none()) {
+                (Err(_), _) => break,
+                (Ok(m), _) if m.file_type().is_char_device() || m.file_type().is_symlink() => return None,
+                (Ok(m), true) if m.is_file() => return fs::read_to_string(&p).ok(),
+                (Ok(m), false) if m.is_dir() => continue,
+                (Ok(_), _) => return None,
+            }
         }
     }
     None
@@ -295,36 +322,35 @@ impl Runtime {
         })
     }
 
-    /// The filesystem steps the child runs, with a description of each for error messages.
+    /// The filesystem steps the child runs, with a description of each for error messages. Every path inside
+    /// the container's root filesystem is an [`InRoot`] (resolved by the kernel inside that root): the image's
+    /// own symlinks must not lead a mkdir or a volume's mount point out to the host.
     fn fs_ops(&self, plan: &Plan, spec: &ContainerSpec, dir: &Path) -> Result<FsSteps, ContainerError> {
         let rootfs = dir.join("rootfs");
         let mut ops = Vec::new();
         let mut what = Vec::new();
-        let mnt = |src: Option<&str>, target: &Path, fstype: Option<&str>, flags: u64, data: Option<&str>| -> Result<FsOp, ContainerError> {
-            Ok(FsOp::Mount {
-                src: src.map(cstr).transpose()?,
-                target: cpath(target)?,
-                fstype: fstype.map(cstr).transpose()?,
-                flags,
-                data: data.map(cstr).transpose()?,
-            })
+        let mnt = |src: Option<&str>, target: Target, fstype: Option<&str>, flags: u64, data: Option<&str>| -> Result<FsOp, ContainerError> {
+            Ok(FsOp::Mount { src: src.map(cstr).transpose()?, target, fstype: fstype.map(cstr).transpose()?, flags, data: data.map(cstr).transpose()? })
         };
+        let host = |p: &Path| cpath(p).map(Target::Path);
+        let inside = |p: &str| in_root(p).map(|at| Target::InRoot(at.rel));
         // Nothing below may propagate back to the host.
-        ops.push(mnt(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?);
+        ops.push(mnt(None, host(Path::new("/"))?, None, libc::MS_REC | libc::MS_PRIVATE, None)?);
         what.push("making the mount tree private".into());
         let lower = plan.lowerdirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
         // Always with an upper layer, so mount points and volume targets can be created; ReadOnly=yes remounts the
         // root read-only once everything is in place (after pivot_root).
         let data = format!("lowerdir={lower},upperdir={},workdir={}", dir.join("upper").display(), dir.join("work").display());
-        ops.push(mnt(Some("overlay"), &rootfs, Some("overlay"), 0, Some(&data))?);
+        // nodev: device nodes from the image or the writable layer never open (the device program would refuse
+        // most of them anyway); the container's devices are the ones below in /dev and its device volumes.
+        ops.push(mnt(Some("overlay"), host(&rootfs)?, Some("overlay"), libc::MS_NODEV, Some(&data))?);
         what.push(format!("mounting the overlay root filesystem at {} ({} layers)", rootfs.display(), plan.lowerdirs.len()));
-        let inside = |p: &str| rootfs.join(p.trim_start_matches('/'));
         let mkdir_p = |ops: &mut Vec<FsOp>, what: &mut Vec<String>, ctr: &Path| -> Result<(), ContainerError> {
-            let mut cur = rootfs.clone();
+            let mut cur = PathBuf::new();
             for c in ctr.components().filter(|c| matches!(c, std::path::Component::Normal(_))) {
                 cur.push(c);
-                ops.push(FsOp::Mkdir { path: cpath(&cur)?, mode: 0o755 });
-                what.push(format!("creating {} in the container", cur.strip_prefix(&rootfs).unwrap_or(&cur).display()));
+                ops.push(FsOp::Mkdir { at: in_root(&cur.display().to_string())?, mode: 0o755 });
+                what.push(format!("creating /{} in the container", cur.display()));
             }
             Ok(())
         };
@@ -332,14 +358,14 @@ impl Runtime {
         mkdir_p(&mut ops, &mut what, Path::new("proc"))?;
         mkdir_p(&mut ops, &mut what, Path::new("sys"))?;
         mkdir_p(&mut ops, &mut what, Path::new("dev"))?;
-        ops.push(mnt(Some("proc"), &inside("proc"), Some("proc"), nosuid_nodev_noexec, None)?);
+        ops.push(mnt(Some("proc"), inside("proc")?, Some("proc"), nosuid_nodev_noexec, None)?);
         what.push("mounting /proc".into());
-        ops.push(mnt(Some("sysfs"), &inside("sys"), Some("sysfs"), nosuid_nodev_noexec | libc::MS_RDONLY, None)?);
+        ops.push(mnt(Some("sysfs"), inside("sys")?, Some("sysfs"), nosuid_nodev_noexec | libc::MS_RDONLY, None)?);
         what.push("mounting /sys read-only".into());
-        ops.push(mnt(Some("tmpfs"), &inside("dev"), Some("tmpfs"), libc::MS_NOSUID | libc::MS_STRICTATIME, Some("mode=755,size=65536k"))?);
+        ops.push(mnt(Some("tmpfs"), inside("dev")?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_STRICTATIME, Some("mode=755,size=65536k"))?);
         what.push("mounting /dev".into());
         for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
-            ops.push(FsOp::Mknod { path: cpath(&inside(&format!("dev/{name}")))?, mode: libc::S_IFCHR | 0o666, major, minor });
+            ops.push(FsOp::Mknod { at: in_root(&format!("dev/{name}"))?, perm: 0o666, major, minor });
             what.push(format!("creating /dev/{name}"));
         }
         for (d, fstype, data, flags) in [
@@ -347,31 +373,31 @@ impl Runtime {
             ("dev/shm", "tmpfs", "mode=1777,size=65536k", nosuid_nodev_noexec),
             ("dev/mqueue", "mqueue", "", nosuid_nodev_noexec),
         ] {
-            ops.push(FsOp::Mkdir { path: cpath(&inside(d))?, mode: 0o755 });
+            ops.push(FsOp::Mkdir { at: in_root(d)?, mode: 0o755 });
             what.push(format!("creating /{d}"));
-            ops.push(mnt(Some(fstype), &inside(d), Some(fstype), flags, (!data.is_empty()).then_some(data))?);
+            ops.push(mnt(Some(fstype), inside(d)?, Some(fstype), flags, (!data.is_empty()).then_some(data))?);
             what.push(format!("mounting /{d}"));
         }
         for (target, link) in [("pts/ptmx", "dev/ptmx"), ("/proc/self/fd", "dev/fd"), ("/proc/self/fd/0", "dev/stdin"), ("/proc/self/fd/1", "dev/stdout"), ("/proc/self/fd/2", "dev/stderr")] {
-            ops.push(FsOp::Symlink { target: cstr(target)?, link: cpath(&inside(link))? });
+            ops.push(FsOp::Symlink { target: cstr(target)?, at: in_root(link)? });
             what.push(format!("linking /{link}"));
         }
         for v in &spec.volumes {
             let meta = fs::metadata(&v.host).map_err(|source| ContainerError::VolumeSource { host: v.host.clone(), source })?;
-            let target = inside(&v.container.display().to_string());
+            let rel = v.container.display().to_string();
             if meta.is_dir() {
                 mkdir_p(&mut ops, &mut what, &v.container)?;
             } else {
                 if let Some(parent) = v.container.parent() {
                     mkdir_p(&mut ops, &mut what, parent)?;
                 }
-                ops.push(FsOp::Touch { path: cpath(&target)? });
+                ops.push(FsOp::Touch { at: in_root(&rel)? });
                 what.push(format!("creating {} for a volume", v.container.display()));
             }
-            ops.push(mnt(Some(&v.host.display().to_string()), &target, None, libc::MS_BIND | libc::MS_REC, None)?);
+            ops.push(mnt(Some(&v.host.display().to_string()), inside(&rel)?, None, libc::MS_BIND | libc::MS_REC, None)?);
             what.push(format!("bind-mounting volume {} on {}", v.host.display(), v.container.display()));
             if v.read_only {
-                ops.push(mnt(None, &target, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None)?);
+                ops.push(mnt(None, inside(&rel)?, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None)?);
                 what.push(format!("making volume {} read-only", v.container.display()));
             }
         }
@@ -380,17 +406,17 @@ impl Runtime {
         let mut after_what = Vec::new();
         // Same kernel inside and out: what the host's /proc lacks, the container's lacks too.
         for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"].into_iter().filter(|p| Path::new(p).exists()) {
-            after.push(mnt(Some(p), Path::new(p), None, libc::MS_BIND | libc::MS_REC, None)?);
+            after.push(mnt(Some(p), host(Path::new(p))?, None, libc::MS_BIND | libc::MS_REC, None)?);
             after_what.push(format!("bind-mounting {p}"));
-            after.push(mnt(None, Path::new(p), None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev_noexec, None)?);
+            after.push(mnt(None, host(Path::new(p))?, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev_noexec, None)?);
             after_what.push(format!("making {p} read-only"));
         }
         if Path::new("/proc/kcore").exists() {
-            after.push(mnt(Some("/dev/null"), Path::new("/proc/kcore"), None, libc::MS_BIND, None)?);
+            after.push(mnt(Some("/dev/null"), host(Path::new("/proc/kcore"))?, None, libc::MS_BIND, None)?);
             after_what.push("masking /proc/kcore".into());
         }
         if spec.read_only {
-            after.push(mnt(None, Path::new("/"), None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None)?);
+            after.push(mnt(None, host(Path::new("/"))?, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None)?);
             after_what.push("making the root filesystem read-only".into());
         }
         Ok((ops, what, after, after_what))
@@ -434,6 +460,8 @@ impl Runtime {
         if spec.network == Network::Private {
             flags |= libc::CLONE_NEWNET;
         }
+        let cgroup = req.cgroup_dir.ok_or(ContainerError::NoCgroup)?;
+        devices::confine(cgroup, &devices::allowed(&spec.volumes))?;
         let v1_joins = v1::prepare(req.unit, req.memory_max, req.tasks_max).map_err(ContainerError::Cgroup)?;
         let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| ContainerError::Io { path: "pipe".into(), source: e.into() })?;
         let (rep_r, rep_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| ContainerError::Io { path: "pipe".into(), source: e.into() })?;
@@ -539,6 +567,27 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layered_files_are_read_from_the_top_layer_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (top, mid, low) = (dir.path().join("top"), dir.path().join("mid"), dir.path().join("low"));
+        for l in [&top, &mid, &low] {
+            fs::create_dir_all(l.join("etc")).expect("mkdir");
+        }
+        fs::write(low.join("etc/passwd"), "low").expect("write");
+        fs::write(mid.join("etc/passwd"), "mid").expect("write");
+        assert_eq!(layered_file(&[top.clone(), mid.clone(), low.clone()], "etc/passwd").as_deref(), Some("mid"));
+        let secret = dir.path().join("host-secret");
+        fs::write(&secret, "host").expect("write");
+        std::os::unix::fs::symlink(&secret, top.join("etc/passwd")).expect("link");
+        assert_eq!(layered_file(&[top.clone(), mid.clone()], "etc/passwd"), None, "a symlinked file is not followed");
+        fs::remove_dir_all(&top).expect("rm");
+        fs::create_dir_all(&top).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path(), top.join("etc")).expect("link");
+        fs::write(dir.path().join("passwd"), "host").expect("write");
+        assert_eq!(layered_file(&[top, mid], "etc/passwd"), None, "a symlinked directory is not followed");
+    }
 
     #[test]
     fn users_resolve_from_the_image_files() {

@@ -37,9 +37,9 @@ pub struct ContainerSpec {
     pub working_directory: Option<String>,
 }
 
-/// Docker's default capability set (names without the `CAP_` prefix) less `MKNOD`: Docker pairs MKNOD with a
-/// device cgroup allow-list, which Keel does not set up yet, so a container could otherwise create and open any
-/// device node. `AddCapability=MKNOD` gives it back.
+/// Docker's default capability set (names without the `CAP_` prefix) less `MKNOD`, one privilege fewer (the
+/// device program, see `devices`, keeps what a node opens to the allowed devices either way).
+/// `AddCapability=MKNOD` gives it back.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "NET_RAW", "SETGID", "SETUID", "SETFCAP", "SETPCAP",
     "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
@@ -250,6 +250,6 @@ mod tests {
     #[test]
     fn docker_default_capabilities_less_mknod() {
         assert_eq!(default_capabilities().len(), 13);
-        assert!(!default_capabilities().contains(&27), "no MKNOD without a device cgroup");
+        assert!(!default_capabilities().contains(&27), "no MKNOD unless asked for");
     }
 }

@@ -16,7 +16,8 @@ pub fn is_container(unit: &Unit) -> bool {
     unit.extra_sections.contains_key(SECTION)
 }
 
-/// Start `unit`'s container with `argv` (its `ExecStart=`, possibly empty) and `extra_env` from init.
+/// Start `unit`'s container with `argv` (its `ExecStart=`, possibly empty) and `extra_env` from init, in the
+/// unit's cgroup (its open `cgroup.procs` and its directory).
 /// Returns the pid of the container's first process, a child of the caller.
 pub fn start(
     unit: &Unit,
@@ -25,7 +26,7 @@ pub fn start(
     extra_env: &[(String, String)],
     stdout: &impl AsRawFd,
     stderr: &impl AsRawFd,
-    cgroup_procs: Option<&impl AsRawFd>,
+    cgroup: Option<(&impl AsRawFd, &std::path::Path)>,
 ) -> Result<i32, String> {
     let entries = unit.extra_sections.get(SECTION).cloned().unwrap_or_default();
     let spec = ContainerSpec::parse(&entries).map_err(|e| e.to_string())?;
@@ -50,7 +51,8 @@ pub fn start(
         stdin: devnull.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
-        cgroup_procs: cgroup_procs.map(|f| f.as_raw_fd()),
+        cgroup_procs: cgroup.map(|(procs, _)| procs.as_raw_fd()),
+        cgroup_dir: cgroup.map(|(_, dir)| dir),
         memory_max: unit.service.as_ref().and_then(|s| s.memory_max),
         tasks_max: unit.service.as_ref().and_then(|s| s.tasks_max),
     };

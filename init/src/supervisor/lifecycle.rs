@@ -229,7 +229,9 @@ impl Supervisor {
         }
         if rt.phase == Phase::Start {
             if let Some(def) = self.def(name).filter(|u| runtime::unit::is_container(u)) {
-                return runtime::unit::start(def, name, &cmd.argv, &extra, &out.write, &err.write, cgroup_procs.as_ref());
+                let dir = self.cgroups.as_ref().map(|cg| cg.unit_path(name));
+                let cgroup = cgroup_procs.as_ref().zip(dir.as_deref());
+                return runtime::unit::start(def, name, &cmd.argv, &extra, &out.write, &err.write, cgroup);
             }
         }
         let ctx = ProcessContext {

@@ -24,15 +24,20 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.controllers").exists())
 }
 
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(eventually(timeout, cond), "timed out after {timeout:?} waiting for: {what}");
+}
+
+/// Whether `cond` holds within `timeout` (polled every 20 ms); for callers that explain a failure themselves.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if cond() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("timed out after {timeout:?} waiting for: {what}");
+    false
 }
 
 pub struct TestInit {

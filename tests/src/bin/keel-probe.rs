@@ -13,15 +13,16 @@ use anyhow::{bail, Context, Result};
 use keel_tests::probe::{http, now_ms, Kind, ProbeConfig, Record, LOCK_KEY};
 
 const HELP: &str = "\
-keel-probe: a KV and service client for Keel's rolling-update test, run inside its network namespace.
+keel-probe: a KV and service client for Keel's rolling-update test, run inside its network
+namespace.
 
 USAGE
   keel-probe run --kv URL,URL,.. --service URL,URL,.. [--prefix /rolling] [--interval-ms 250]
                [--service-interval-ms 250] [--lock-key KEY]
-      Until stdin closes: every interval PUT <prefix>/<seq> (trying the members in turn, starting with the one
-      that answered last) and read it back (linearizable); GET every service URL every service interval
-      (1 s timeout, one thread per URL); every 500 ms GET each
-      member's /health and the reboot lock KEY, and watch KEY for every change. Prints one line per result:
+      Until stdin closes: every interval PUT <prefix>/<seq> (trying the members in turn, starting
+      with the one that answered last) and read it back (linearizable); GET every service URL
+      every service interval (1 s timeout, one thread per URL); every 500 ms GET each member's
+      /health and the reboot lock KEY, and watch KEY for every change. Prints one line per result:
       `<W|R|S|H|L> <unix-ms> <target> <0|1> <latency-ms> <detail>`.
   keel-probe keys --kv URL,URL,.. [--prefix /rolling]
       Print every key under the prefix (a linearizable recursive GET), one per line.
@@ -29,7 +30,8 @@ USAGE
       One request; prints the body; exits 1 unless the status is 2xx.
 
 EXAMPLES
-  ip netns exec keelnet-1-0 keel-probe run --kv http://10.77.0.11:2379 --service http://10.77.0.11:8080/
+  ip netns exec keelnet-1-0 \\
+    keel-probe run --kv http://10.77.0.11:2379 --service http://10.77.0.11:8080/
   ip netns exec keelnet-1-0 keel-probe http PUT http://10.77.0.11:2379/v2/keys/a value=1
 ";
 
