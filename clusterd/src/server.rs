@@ -22,6 +22,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tokio::net::TcpListener;
 
+use crate::api::access::{Access, Subnet};
 use crate::api::{self, Body};
 use crate::kv::error::code;
 use crate::kv::{EtcdError, KvOp, WriteOk};
@@ -98,6 +99,8 @@ pub struct Config {
     /// Base election timeout, milliseconds: a follower that hears nothing from the leader for
     /// 2× this (openraft's leader lease) plus a random 1–2× this starts an election.
     pub election_timeout_ms: u64,
+    /// Source addresses of containers (`--container-subnet`): their requests get [`Access::Container`].
+    pub container_subnet: Option<Subnet>,
 }
 
 /// Parse `http://host:port` into a socket address.
@@ -188,6 +191,8 @@ pub struct Ctx {
     pub watchers: AtomicI64,
     /// Start time (Unix ns).
     pub start_nanos: i64,
+    /// Source addresses of containers (see [`crate::api::access`]).
+    pub container_subnet: Option<Subnet>,
     /// Linearizable reads waiting for a shared leadership check.
     reads: Arc<std::sync::Mutex<ReadQueue>>,
     /// Queue of the proposal batcher.
@@ -567,7 +572,7 @@ async fn peer_handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body
             Ok(u) => *req.uri_mut() = u,
             Err(_) => return simple(400, "{\"message\":\"bad forwarded URI\"}\n"),
         }
-        return api::handle(ctx, req, true).await;
+        return api::handle(ctx, req, true, Access::Full).await;
     }
     let req_content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = match Limited::new(req.into_body(), 512 * 1024 * 1024).collect().await {
@@ -612,7 +617,7 @@ async fn peer_handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body
 
 async fn serve(listener: TcpListener, ctx: Arc<Ctx>, peer: bool) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, from) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -622,11 +627,18 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>, peer: bool) {
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        let local = stream.local_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let access = crate::api::access::of(ctx.container_subnet.as_ref(), from.ip(), local);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move {
-                    let r = if peer { peer_handle(ctx, req).await } else { api::handle(ctx, req, false).await };
+                    let r = match (peer, access) {
+                        // The cluster token is the peer port's only guard, and it has a well-known default.
+                        (true, Access::Container) => simple(403, "{\"message\":\"the peer port does not serve containers\"}\n"),
+                        (true, Access::Full) => peer_handle(ctx, req).await,
+                        (false, _) => api::handle(ctx, req, false, access).await,
+                    };
                     Ok::<_, std::convert::Infallible>(r)
                 }
             });
@@ -758,6 +770,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         forwarded: AtomicU64::new(0),
         watchers: AtomicI64::new(0),
         start_nanos: crate::kv::time::now_nanos(),
+        container_subnet: cfg.container_subnet,
     });
 
     let peer = TcpListener::bind(cfg.peer_addr).await.map_err(|source| ServerError::Bind { addr: cfg.peer_addr, source })?;

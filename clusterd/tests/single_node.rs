@@ -6,15 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{have, missing, python_path, wait_until, Cluster, CTL};
+use common::{curl, have, missing, python_path, wait_until, Cluster, CTL};
 use keel_clusterd::client::request;
-
-fn curl(args: &[&str]) -> (u16, String) {
-    let out = Command::new("curl").args(["-sS", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
 
 #[test]
 fn curl_recipes_work() {

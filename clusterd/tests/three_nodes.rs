@@ -9,8 +9,77 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{wait_until, Cluster, CTL};
+use common::{curl, have, missing, wait_until, Cluster, CTL};
 use keel_clusterd::client::{enc, request, request_with};
+
+/// A client whose address is in `--container-subnet` (here one loopback address, standing for Keel's bridge)
+/// reads everything and writes its own keys, through any member, but cannot write the host's keys however the
+/// key is spelt, change members, or use the peer port; nothing it was refused is in the store afterwards.
+#[test]
+fn containers_read_everything_but_cannot_write_the_hosts_keys() {
+    if missing("curl", have("curl"), "make deps") {
+        return;
+    }
+    let mut c = Cluster::create(3, false);
+    let container_ip = format!("{}.200", c.members[0].ip.rsplit_once('.').map_or("127.0.0", |(net, _)| net));
+    c.extra_args = vec!["--container-subnet".into(), format!("{container_ip}/32")];
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_ready();
+    let leader = c.wait_leader(Duration::from_secs(20));
+    let follower = (leader + 1) % 3;
+    let from_container = |method: &str, url: &str, data: &[&str]| {
+        let mut args = vec!["--interface", container_ip.as_str(), "-X", method, url];
+        for d in data {
+            args.extend(["-d", d]);
+        }
+        curl(&args)
+    };
+    let keys = |key: &str| c.url(follower, &format!("/v2/keys{key}"));
+    assert_eq!(c.put(leader, "/_keel/fleet/units/web.service", "[Service]").expect("host put").status, 201);
+
+    // Reads, watches' ground, and writes of its own keys (forwarded by the follower to the leader) work.
+    let (s, b) = from_container("GET", &keys("/_keel/fleet/units/web.service"), &[]);
+    assert!(s == 200 && b.contains("[Service]"), "{s} {b}");
+    let (s, b) = from_container("PUT", &keys("/app/config"), &["value=mine"]);
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(c.value(leader, "/app/config", false).as_deref(), Some("mine"));
+    let (s, b) = from_container("POST", &keys("/coreos.com"), &["value=job"]);
+    assert_eq!(s, 201, "an in-order key beside the reboot lock is the container's own: {b}");
+    let (s, b) = from_container("GET", &c.url(follower, "/v2/members"), &[]);
+    assert!(s == 200 && b.contains("\"name\":\"m0\""), "{s} {b}");
+
+    // The host's keys: refused with etcd's "requires user authentication", however the key is spelt.
+    for (method, path, data) in [
+        ("PUT", "/_keel/fleet/units/evil.service", "value=[Service]"),
+        ("POST", "/_keel/fleet/units", "value=x"),
+        ("PUT", "/%5Fkeel/fleet/units/evil.service", "value=x"),
+        ("PUT", "//_keel/./fleet/units/evil.service", "value=x"),
+        ("DELETE", "/_keel?recursive=true", ""),
+        ("DELETE", "/coreos.com?recursive=true", ""),
+        ("PUT", "/coreos.com/updateengine/rebootlock/semaphore", "value={}"),
+    ] {
+        let (s, b) = from_container(method, &keys(path), &[data]);
+        assert_eq!(s, 401, "{method} {path}: {b}");
+        assert!(b.contains("\"errorCode\":110") && b.contains("only the host writes under"), "{method} {path}: {b}");
+    }
+    // Members, fleet and FleetLock endpoints, and the peer port, even with the right token.
+    let (s, b) = from_container("POST", &c.url(follower, "/v2/members"), &["{\"peerURLs\":[\"http://127.0.0.9:2380\"]}"]);
+    assert_eq!(s, 403, "{b}");
+    let (s, b) = from_container("POST", &c.url(follower, "/v1/pre-reboot"), &["{}"]);
+    assert_eq!(s, 403, "{b}");
+    let peer = format!("{}/keel/client/v2/keys/_keel/fleet/units/evil.service", c.members[follower].peer_url);
+    let token = format!("x-keel-cluster-token: {}", c.token);
+    let (s, b) = curl(&["--interface", &container_ip, "-H", &token, "-X", "PUT", &peer, "-d", "value=x"]);
+    assert_eq!(s, 403, "{b}");
+
+    // Nothing refused reached the store; the host still writes there.
+    let (s, b) = curl(&[&c.url(leader, "/v2/keys/_keel/fleet/units?recursive=true")]);
+    assert!(s == 200 && !b.contains("evil") && b.contains("web.service"), "{b}");
+    assert_eq!(c.get(leader, "/coreos.com/updateengine/rebootlock/semaphore").expect("get").status, 404);
+    assert_eq!(c.put(follower, "/_keel/fleet/units/next.service", "[Service]").expect("host put").status, 201);
+}
 
 #[test]
 fn three_members_replicate_forward_and_refuse_strangers() {

@@ -8,6 +8,7 @@
 //! request→response path the unit tests replay etcd's recorded pairs against.
 //! Does not: apply writes itself — every write is a Raft proposal (see `server::Ctx::propose`).
 
+pub mod access;
 pub mod params;
 
 use std::convert::Infallible;
@@ -23,6 +24,7 @@ use hyper::{Request, Response};
 use crate::kv::error::code;
 use crate::kv::{EtcdError, Store};
 use crate::server::{Ctx, ProposeError};
+use access::Access;
 use params::KeysRequest;
 
 /// Response body type of every handler.
@@ -116,17 +118,23 @@ fn finish(ctx: &Ctx, r: Reply) -> Response<Body> {
     resp
 }
 
-/// Handle one client request. `forwarded` is true when a follower proxied it here (never forward again).
-pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Response<Body> {
+/// Handle one client request. `forwarded` is true when a follower proxied it here (never forward again; the
+/// follower has checked `access`).
+pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool, access: Access) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let is_keys = path == "/v2/keys" || path.starts_with("/v2/keys/");
+    if access == Access::Container && !is_keys && !access::container_may_call(req.method().as_str(), &path) {
+        let msg = format!("{} {path} is not served to containers (only to the host)", req.method());
+        return finish(&ctx, Reply::json(403, format!("{}\n", serde_json::json!({ "message": msg }))));
+    }
     if path.starts_with("/keel/fleet/") {
         return crate::fleet::http::handle(req).await;
     }
     if path == "/v1/pre-reboot" || path == "/v1/steady-state" {
         return crate::fleetlock::handle(ctx, req, forwarded).await;
     }
-    let reply = if path == "/v2/keys" || path.starts_with("/v2/keys/") {
-        return keys(ctx, req, forwarded).await;
+    let reply = if is_keys {
+        return keys(ctx, req, forwarded, access).await;
     } else if path == "/v2/members" || path.starts_with("/v2/members/") {
         members(&ctx, req, forwarded).await
     } else {
@@ -176,7 +184,7 @@ fn too_large() -> Reply {
     Reply { status: 413, ..Reply::error(&e) }
 }
 
-async fn keys(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Response<Body> {
+async fn keys(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool, access: Access) -> Response<Body> {
     let method = req.method().as_str().to_string();
     if !matches!(method.as_str(), "GET" | "HEAD" | "PUT" | "POST" | "DELETE") {
         let mut r = finish(&ctx, Reply::text(405, "Method Not Allowed\n"));
@@ -197,7 +205,13 @@ async fn keys(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool) -> Respons
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-    let parsed = params::parse(&method, key_path, query, if is_form { Some(&body) } else { None });
+    let mut parsed = params::parse(&method, key_path, query, if is_form { Some(&body) } else { None });
+    if let (Access::Container, Ok(KeysRequest::Write(op))) = (access, &parsed) {
+        if let Err(prefix) = access::container_may_write(&op.key, op.kind == crate::kv::store::OpKind::Post) {
+            let cause = format!("{}: only the host writes under {prefix} (this client is a container)", op.key);
+            parsed = Err(EtcdError::new(code::UNAUTHORIZED, cause, ctx.sm.store_index()));
+        }
+    }
     let reply = match parsed {
         Err(e) => Reply::error(&e),
         Ok(KeysRequest::Write(op)) => {

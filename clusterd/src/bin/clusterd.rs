@@ -21,6 +21,8 @@ Run one member of Keel's cluster store: a key-value store replicated with Raft (
 
 Clients talk to --listen-client-urls (/v2/keys, /v2/members, /health, /version, /metrics). Members talk to each other on --listen-peer-urls; every peer request carries --cluster-token and a member with another token is refused.
 
+Containers reach the client API too (at 10.88.0.1:2379, their KEEL_KV_URL). A client whose address is in --container-subnet may read every key and write its own, but not the host's: keys under /_keel (fleet's units, which every machine runs as root) and the reboot lock under /coreos.com/updateengine/rebootlock are refused with etcd's error 110 (401); so are member changes, fleet journals, FleetLock calls and the peer port (403).
+
 Under an init that sets NOTIFY_SOCKET (a `Type=notify` unit, as in Keel's image), clusterd reports READY=1 once its client and peer listeners are bound, before a quorum exists, so units ordered after it find the API answering.
 
 A new static cluster forms by itself: start every member with the same --initial-cluster. A member restarted with its data directory rejoins with its data; a damaged store makes it refuse to start. To grow a cluster, run `clusterctl member add NAME PEER-URL`, then start the new member with --initial-cluster-state existing.
@@ -112,6 +114,12 @@ struct Args {
     /// register there instead of using --initial-cluster.
     #[arg(long)]
     discovery: Option<String>,
+    /// Source addresses of containers (Keel's bridge, see docs/containers.md): clients there may not write
+    /// the host's keys (/_keel, the reboot lock), change members, read fleet journals, or use the peer port.
+    /// `none` treats every client alike (etcd v2 without auth). Containers on the host network
+    /// (Network=host) have the host's addresses and are not told apart.
+    #[arg(long, default_value = "10.88.0.0/16", value_name = "CIDR|none", value_parser = parse_subnet)]
+    container_subnet: Subnet,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
@@ -167,6 +175,17 @@ fn worker_threads(flag: Option<u16>) -> usize {
     }
 }
 
+/// `--container-subnet`: a subnet, or `none`.
+#[derive(Debug, Clone, Copy)]
+struct Subnet(Option<keel_clusterd::api::access::Subnet>);
+
+fn parse_subnet(s: &str) -> Result<Subnet, String> {
+    if s == "none" {
+        return Ok(Subnet(None));
+    }
+    s.parse().map(|n| Subnet(Some(n))).map_err(|e| format!("{e}, or none"))
+}
+
 /// The client URL served by default.
 const DEFAULT_CLIENT_URL: &str = "http://127.0.0.1:2379";
 /// Also served by default, once the container bridge (docs/containers.md) gives this machine the address.
@@ -220,6 +239,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         snapshot_log_bytes: a.snapshot_log_mb << 20,
         heartbeat_ms: a.heartbeat_interval,
         election_timeout_ms: a.election_timeout,
+        container_subnet: a.container_subnet.0,
     })
 }
 

@@ -22,6 +22,8 @@ pub mod code {
     pub const ROOT_RONLY: u32 = 107;
     /// Directory not empty (403).
     pub const DIR_NOT_EMPTY: u32 = 108;
+    /// The request requires user authentication (401): a container writing a host-only key.
+    pub const UNAUTHORIZED: u32 = 110;
     /// Value is Required in POST form.
     pub const VALUE_REQUIRED: u32 = 200;
     /// PrevValue is Required in POST form.

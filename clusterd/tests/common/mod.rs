@@ -34,6 +34,14 @@ mod ports;
 pub use ports::{bind_unused, free_port};
 
 /// Whether `tool` is on PATH.
+/// Run curl with `args`: (HTTP status, body); status 0 when curl got no answer.
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl").args(["-sS", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]).status().is_ok_and(|s| s.success())
 }
