@@ -402,6 +402,8 @@ fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
         ("wget -qO- 127.0.0.1:2379/v2/keys/message", "\"value\":\"hello\""),
         ("fleetctl journal hi.service", "hi"),
         ("initctl run --rm busybox ps", "1 root"),
+        ("initctl run --rm --net private", "\"value\":\"hello\""),
+        ("initctl run --rm --net private", "401"),
         ("initctl status clusterd.servce", "did you mean clusterd.service?"),
         ("initctl logs -n 20 clusterd.service", "serving clients"),
     ];

@@ -21,6 +21,7 @@ pub mod child;
 pub mod cli;
 pub mod devices;
 pub mod net;
+pub mod netlink;
 pub mod seccomp;
 pub mod spec;
 pub mod unit;

@@ -3,19 +3,19 @@
 //!
 //! Owns: address allocation (deterministic: a hash of the unit name, probing forward on collision; each lease
 //! is a file `<containers>/net/<address>` naming its unit, created with O_EXCL so two starts never share one),
-//! and the `ip` commands. iproute2's `ip` is used rather than hand-written rtnetlink: it is on every Keel image
-//! already (busybox's or Debian's), its batch mode does the host side in one exec and the container side in a
-//! second one (`nsenter --net`), and its error messages name the failing step. The veth and the container's
-//! namespace vanish with the container's last process, so cleanup is only the address lease.
+//! and the order of the wiring steps, each an rtnetlink request ([`netlink`]). No `ip` command: Keel's image has
+//! only busybox's, which has no batch mode and ignores a veth peer's name and namespace. The veth and the
+//! container's namespace vanish with the container's last process, so cleanup is only the address lease.
 //! Does not: NAT to other networks (containers reach the host, e.g. clusterd at 10.88.0.1:2379, only).
 
 use std::fs;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use super::ContainerError;
+use nix::errno::Errno;
+
+use super::{netlink, ContainerError};
 
 pub const BRIDGE: &str = "keel0";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
@@ -83,43 +83,47 @@ pub fn leased(root: &Path) -> usize {
     fs::read_dir(leases(root)).map(|d| d.count()).unwrap_or(0)
 }
 
-fn run_batch(cmd: &mut Command, script: &str) -> Result<String, String> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e} (is iproute2 installed?)", cmd.get_program()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(script.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if out.status.success() {
-        Ok(err)
-    } else {
-        Err(err)
-    }
-}
-
-/// Wire up the container whose first process is `pid` (in a new, empty network namespace) with address `ip`.
+/// Wire up the container whose first process is `pid` (in a new, empty network namespace) with address `ip`:
+/// the bridge (made by the first container), a veth pair with `eth0` in the container, its address and route.
 pub fn setup(unit: &str, pid: i32, ip: Ipv4Addr) -> Result<(), ContainerError> {
     let veth = veth_name(unit);
-    // -force: keep going past "File exists" for the bridge and its address (already set up by an earlier start).
-    let host = format!(
-        "link add {BRIDGE} type bridge\naddr add {GATEWAY}/{PREFIX} dev {BRIDGE}\nlink set {BRIDGE} up\n\
-         link del {veth}\nlink add {veth} type veth peer name eth0 netns {pid}\nlink set {veth} master {BRIDGE} up\n"
-    );
-    let host_res = run_batch(Command::new("ip").args(["-force", "-batch", "-"]), &host);
-    let inside = format!("link set lo up\naddr add {ip}/{PREFIX} dev eth0\nlink set eth0 up\nroute add default via {GATEWAY}\n");
-    let ns = format!("--net=/proc/{pid}/ns/net");
-    run_batch(Command::new("nsenter").args([ns.as_str(), "ip", "-batch", "-"]), &inside).map_err(|inside_err| {
-        let host_err = match &host_res {
-            Ok(s) | Err(s) => s.lines().filter(|l| !l.contains("File exists") && !l.contains("Cannot find device")).collect::<Vec<_>>().join("; "),
-        };
-        ContainerError::Network(format!("configuring {veth}/eth0 with {ip}: {inside_err} {host_err}").trim().to_string())
-    })?;
-    Ok(())
+    host_side(&veth, pid).map_err(|e| ContainerError::Network(format!("{veth} on {BRIDGE}: {e}")))?;
+    netlink::in_netns(pid, |nl| {
+        nl.set_up(netlink::index("lo").map_err(step("lo"))?, None).map_err(step("setting lo up"))?;
+        let eth0 = netlink::index("eth0").map_err(step("eth0"))?;
+        nl.add_address(eth0, ip, PREFIX).map_err(step(&format!("adding {ip}/{PREFIX} to eth0")))?;
+        nl.set_up(eth0, None).map_err(step("setting eth0 up"))?;
+        nl.add_default_route(eth0, GATEWAY).map_err(step(&format!("adding the default route via {GATEWAY}")))
+    })
+    .map_err(|e| ContainerError::Network(format!("configuring eth0 with {ip} in the container: {e}")))
+}
+
+/// The error of a failed step, naming it.
+fn step(what: &str) -> impl FnOnce(Errno) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// The bridge with the gateway address (kept from earlier starts), and a fresh veth pair on it.
+fn host_side(veth: &str, pid: i32) -> Result<(), String> {
+    let mut nl = netlink::Socket::open().map_err(step("netlink socket"))?;
+    match nl.add_bridge(BRIDGE) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(format!("creating the bridge {BRIDGE}: {e}")),
+    }
+    let bridge = netlink::index(BRIDGE).map_err(step(BRIDGE))?;
+    match nl.add_address(bridge, GATEWAY, PREFIX) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(format!("adding {GATEWAY}/{PREFIX} to {BRIDGE}: {e}")),
+    }
+    nl.set_up(bridge, None).map_err(step("setting the bridge up"))?;
+    // Left over from a container whose namespace is still going away.
+    match nl.del_link(veth) {
+        Ok(()) | Err(Errno::ENODEV) => {}
+        Err(e) => return Err(format!("removing an old {veth}: {e}")),
+    }
+    nl.add_veth(veth, "eth0", pid).map_err(step("creating the veth pair"))?;
+    let index = netlink::index(veth).map_err(step("the new veth"))?;
+    nl.set_up(index, Some(bridge)).map_err(step("putting the veth on the bridge"))
 }
 
 #[cfg(test)]
