@@ -207,7 +207,7 @@ async fn keys(ctx: Arc<Ctx>, req: Request<Incoming>, forwarded: bool, access: Ac
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let mut parsed = params::parse(&method, key_path, query, if is_form { Some(&body) } else { None });
     if let (Access::Container, Ok(KeysRequest::Write(op))) = (access, &parsed) {
-        if let Err(prefix) = access::container_may_write(&op.key, op.kind == crate::kv::store::OpKind::Post) {
+        if let Err(prefix) = access::container_may_write(&op.key, op.kind == crate::kv::OpKind::Post) {
             let cause = format!("{}: only the host writes under {prefix} (this client is a container)", op.key);
             parsed = Err(EtcdError::new(code::UNAUTHORIZED, cause, ctx.sm.store_index()));
         }

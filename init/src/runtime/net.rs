@@ -103,24 +103,23 @@ fn step(what: &str) -> impl FnOnce(Errno) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// `r`, with `expected` (the state is already as wanted) counting as success.
+fn except(r: Result<(), Errno>, expected: Errno) -> Result<(), Errno> {
+    match r {
+        Err(e) if e == expected => Ok(()),
+        r => r,
+    }
+}
+
 /// The bridge with the gateway address (kept from earlier starts), and a fresh veth pair on it.
 fn host_side(veth: &str, pid: i32) -> Result<(), String> {
     let mut nl = netlink::Socket::open().map_err(step("netlink socket"))?;
-    match nl.add_bridge(BRIDGE) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(e) => return Err(format!("creating the bridge {BRIDGE}: {e}")),
-    }
+    except(nl.add_bridge(BRIDGE), Errno::EEXIST).map_err(step(&format!("creating the bridge {BRIDGE}")))?;
     let bridge = netlink::index(BRIDGE).map_err(step(BRIDGE))?;
-    match nl.add_address(bridge, GATEWAY, PREFIX) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(e) => return Err(format!("adding {GATEWAY}/{PREFIX} to {BRIDGE}: {e}")),
-    }
+    except(nl.add_address(bridge, GATEWAY, PREFIX), Errno::EEXIST).map_err(step(&format!("adding {GATEWAY}/{PREFIX} to {BRIDGE}")))?;
     nl.set_up(bridge, None).map_err(step("setting the bridge up"))?;
     // Left over from a container whose namespace is still going away.
-    match nl.del_link(veth) {
-        Ok(()) | Err(Errno::ENODEV) => {}
-        Err(e) => return Err(format!("removing an old {veth}: {e}")),
-    }
+    except(nl.del_link(veth), Errno::ENODEV).map_err(step(&format!("removing an old {veth}")))?;
     nl.add_veth(veth, "eth0", pid).map_err(step("creating the veth pair"))?;
     let index = netlink::index(veth).map_err(step("the new veth"))?;
     nl.set_up(index, Some(bridge)).map_err(step("putting the veth on the bridge"))
