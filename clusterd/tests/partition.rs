@@ -2,135 +2,15 @@
 //! histories of concurrent reads, writes and CAS recorded while the leader is partitioned away and killed.
 
 mod common;
+mod linearizability;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{wait_until, Cluster};
 use keel_clusterd::client::{enc, request, ClientError};
-
-// ---------------------------------------------------------------------------------------------------------
-// Wing–Gong linearizability checker for one register (histories are checked per key: linearizability is local).
-
-#[derive(Debug, Clone, PartialEq)]
-enum Kind {
-    Read(Option<Option<String>>),     // observed value (None inside = key missing); outer None = unknown
-    Write(String),                    // value written
-    Cas(String, String, Option<bool>), // (expected, new, outcome if known)
-}
-
-#[derive(Debug, Clone)]
-struct Op {
-    kind: Kind,
-    invoke: u64,
-    /// Return time; `None` = unknown outcome (timed out / connection lost): may or may not have taken effect.
-    ret: Option<u64>,
-}
-
-/// The value that stands in for every unknown-outcome write whose value nobody observed.
-const UNOBSERVED: &str = "<written, never observed>";
-
-/// Apply `op` to `state`; `None` if the recorded outcome is impossible from `state`.
-fn step(state: &Option<String>, op: &Op) -> Option<Option<String>> {
-    match &op.kind {
-        Kind::Read(Some(v)) => (v == state).then(|| state.clone()),
-        Kind::Read(None) => Some(state.clone()),
-        Kind::Write(v) => Some(Some(v.clone())),
-        Kind::Cas(exp, new, outcome) => {
-            let matches = state.as_deref() == Some(exp.as_str());
-            match outcome {
-                Some(true) if matches => Some(Some(new.clone())),
-                Some(false) if !matches => Some(state.clone()),
-                None => Some(if matches { Some(new.clone()) } else { state.clone() }),
-                _ => None,
-            }
-        }
-    }
-}
-
-/// True if the history of one register is linearizable (Wing & Gong search with Lowe's memoization).
-fn linearizable(ops: &[Op], initial: Option<String>) -> bool {
-    fn key(done: &[bool]) -> Vec<u64> {
-        let mut w = vec![0u64; done.len().div_ceil(64)];
-        for (i, d) in done.iter().enumerate() {
-            if *d {
-                w[i / 64] |= 1 << (i % 64);
-            }
-        }
-        w
-    }
-    fn search(
-        ops: &[Op],
-        done: &mut Vec<bool>,
-        state: Option<String>,
-        memo: &mut HashSet<(Vec<u64>, Option<String>)>,
-        budget: &mut u64,
-    ) -> bool {
-        *budget = budget.saturating_sub(1);
-        if *budget == 0 {
-            panic!("linearizability search budget exhausted ({} ops)", ops.len());
-        }
-        if ops.iter().zip(done.iter()).all(|(o, d)| *d || o.ret.is_none()) {
-            return true;
-        }
-        let min_ret = ops.iter().zip(done.iter()).filter(|(_, d)| !**d).filter_map(|(o, _)| o.ret).min().unwrap_or(u64::MAX);
-        let mut standin_tried = false;
-        for i in 0..ops.len() {
-            if done[i] || ops[i].invoke > min_ret {
-                continue;
-            }
-            // Unknown-outcome writes of the stand-in value are interchangeable: try only the earliest invoked
-            // one left (ops are in invoke order), which can go wherever a later one could.
-            if ops[i].ret.is_none() && ops[i].kind == Kind::Write(UNOBSERVED.into()) {
-                if standin_tried {
-                    continue;
-                }
-                standin_tried = true;
-            }
-            if let Some(next) = step(&state, &ops[i]) {
-                done[i] = true;
-                if memo.insert((key(done), next.clone())) && search(ops, done, next, memo, budget) {
-                    return true;
-                }
-                done[i] = false;
-            }
-        }
-        false
-    }
-    let mut done = vec![false; ops.len()];
-    let mut memo = HashSet::new();
-    let mut budget = 2_000_000;
-    search(ops, &mut done, initial, &mut memo, &mut budget)
-}
-
-#[test]
-fn checker_accepts_linearizable_and_rejects_stale_reads() {
-    let w = |v: &str, i, r| Op { kind: Kind::Write(v.into()), invoke: i, ret: Some(r) };
-    let rd = |v: Option<&str>, i, r| Op { kind: Kind::Read(Some(v.map(String::from))), invoke: i, ret: Some(r) };
-    // write a [0,10], read a [20,30] → fine; concurrent read of old value while write in flight → fine.
-    assert!(linearizable(&[w("a", 0, 10), rd(Some("a"), 20, 30)], None));
-    assert!(linearizable(&[w("a", 0, 10), rd(None, 5, 8)], None));
-    // read after the write returned sees the old value: not linearizable.
-    assert!(!linearizable(&[w("a", 0, 10), rd(None, 20, 30)], None));
-    // write b after a; a later read seeing a again is stale.
-    assert!(!linearizable(&[w("a", 0, 10), w("b", 20, 30), rd(Some("a"), 40, 50)], None));
-    // an unknown-outcome write may explain a read.
-    let lost = Op { kind: Kind::Write("x".into()), invoke: 0, ret: None };
-    assert!(linearizable(&[lost.clone(), rd(Some("x"), 20, 30)], None));
-    assert!(linearizable(&[lost, rd(None, 20, 30)], None));
-    // CAS outcomes must match the state.
-    let cas = |e: &str, n: &str, ok, i, r| Op { kind: Kind::Cas(e.into(), n.into(), Some(ok)), invoke: i, ret: Some(r) };
-    assert!(linearizable(&[w("a", 0, 10), cas("a", "b", true, 20, 30), rd(Some("b"), 40, 50)], None));
-    assert!(!linearizable(&[w("a", 0, 10), cas("a", "b", true, 20, 30), cas("a", "c", true, 40, 50)], None));
-    // A failed CAS after a write it should match is explained only by an unknown-outcome write in between.
-    assert!(!linearizable(&[w("a", 0, 10), cas("a", "b", false, 20, 30)], None));
-    let cut_off = Op { kind: Kind::Write(UNOBSERVED.into()), invoke: 12, ret: None };
-    assert!(linearizable(&[w("a", 0, 10), cut_off, cas("a", "b", false, 20, 30)], None));
-}
-
-// ---------------------------------------------------------------------------------------------------------
+use linearizability::{check, prepare, Kind, Op, Verdict};
 
 fn read_value(url: &str, key: &str) -> Result<Option<String>, ()> {
     let r = request("GET", &format!("{url}/v2/keys{key}"), None, Duration::from_secs(8)).map_err(|_| ())?;
@@ -264,34 +144,17 @@ fn minority_refuses_majority_continues_and_histories_are_linearizable() {
     assert!(history.len() > 30, "history too short to mean anything: {}", history.len());
     for (k, key) in keys.iter().enumerate() {
         let all: Vec<Op> = history.iter().filter(|(kk, _)| *kk == k).map(|(_, o)| o.clone()).collect();
-        // A write or CAS with unknown outcome whose (unique) value nobody ever observed cannot be dropped: it may
-        // have taken effect (a write cut off by the partition that the new leader still committed) and be the
-        // only explanation of a later failed CAS. Nobody saw its value, so they all write one stand-in value,
-        // which keeps the states few; reads of unknown outcome say nothing and are dropped.
-        let observed: HashSet<String> = all
-            .iter()
-            .filter_map(|o| match &o.kind {
-                Kind::Read(Some(Some(v))) => Some(v.clone()),
-                Kind::Cas(e, _, _) => Some(e.clone()),
-                _ => None,
-            })
-            .collect();
-        let mut ops: Vec<Op> = all
-            .into_iter()
-            .filter(|o| o.ret.is_some() || !matches!(o.kind, Kind::Read(_)))
-            .map(|mut o| {
-                match &mut o.kind {
-                    Kind::Write(v) | Kind::Cas(_, v, _) if o.ret.is_none() && !observed.contains(v.as_str()) => *v = UNOBSERVED.into(),
-                    _ => {}
-                }
-                o
-            })
-            .collect();
-        ops.sort_by_key(|o| o.invoke);
+        let ops = prepare(all);
         let unknown = ops.iter().filter(|o| o.ret.is_none()).count();
         eprintln!("{key}: {} operations ({unknown} with unknown outcome)", ops.len());
         let dump = std::env::temp_dir().join(format!("keel-lin-{}.txt", key.replace('/', "_")));
-        let _ = std::fs::write(&dump, format!("{ops:#?}"));
-        assert!(linearizable(&ops, None), "history of {key} is not linearizable: {ops:#?}");
+        let lines: Vec<String> = ops.iter().map(|o| format!("{:?} [{} .. {:?}]", o.kind, o.invoke, o.ret)).collect();
+        let _ = std::fs::write(&dump, lines.join("\n"));
+        let (verdict, states) = check(&ops, None);
+        eprintln!("{key}: {verdict:?} after {states} states");
+        if verdict != Verdict::Linearizable {
+            eprintln!("history of {key}, one operation a line (invoke .. return, ns):\n{}", lines.join("\n"));
+        }
+        assert_eq!(verdict, Verdict::Linearizable, "history of {key} (written to {})", dump.display());
     }
 }
