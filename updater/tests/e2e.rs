@@ -613,23 +613,19 @@ fn health_gate_waits_for_every_required_unit_before_blessing() {
     assert!(w.esp.join("EFI/Linux/keel-1.1.0-usr-b.efi").exists());
 }
 
-#[test]
-fn failing_health_gate_leaves_the_slot_unblessed() {
-    let w = installed_world(52);
-    let units = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!([unit(
-        "web.service",
-        "failed",
-        "failed"
-    )])));
+/// Boots 1.1.0 on B with `web.service` required and in state `web` forever; returns the engine's status once
+/// its gate has failed, after checking that the slot stayed unblessed and kept its boot counter.
+fn failing_gate(seed: u64, web: Value, timeout: &str) -> Value {
+    let w = installed_world(seed);
     let sock = w.dir.path().join("init.sock");
-    fake_init(&sock, units);
+    fake_init(&sock, std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!([web]))));
     let engine = w.booted(
         "1.1.0", "b", "boot-2",
         &[
             "--init-socket", sock.to_str().expect("utf8"),
             "--health-units", "web.service",
             "--health-hold", "200ms",
-            "--health-timeout", "1s",
+            "--health-timeout", timeout,
         ],
     );
     assert!(
@@ -640,13 +636,6 @@ fn failing_health_gate_leaves_the_slot_unblessed() {
     );
     let st = status(&engine);
     assert_eq!(st["state"], "ERROR");
-    assert!(
-        st["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("web.service is failed"),
-        "{st}"
-    );
     let slots = Slots::new(&w.disk, &w.esp);
     assert!(
         !slots.flags(Slot::B).expect("flags").successful,
@@ -655,5 +644,28 @@ fn failing_health_gate_leaves_the_slot_unblessed() {
     assert!(
         w.esp.join("EFI/Linux/keel-1.1.0-usr-b+1-0.efi").exists(),
         "boot counter removed by a failed gate"
+    );
+    st
+}
+
+#[test]
+fn a_required_unit_that_stays_failed_fails_the_gate_long_before_its_timeout() {
+    // Timeout 10 min: the gate must give up once the unit has been failed (no restart pending) for the hold.
+    let st = failing_gate(52, unit("web.service", "failed", "failed"), "10m");
+    let err = st["last_error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("web.service is failed/failed") && err.contains("no restart pending"),
+        "{st}"
+    );
+}
+
+#[test]
+fn a_required_unit_that_never_comes_up_fails_the_gate_at_its_timeout() {
+    // Restarting over and over: it might come up, so only the timeout ends the wait.
+    let st = failing_gate(53, unit("web.service", "activating", "auto-restart"), "1s");
+    let err = st["last_error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("web.service is activating/auto-restart") && err.contains("gave up after 1s"),
+        "{st}"
     );
 }

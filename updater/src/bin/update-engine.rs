@@ -108,7 +108,8 @@ struct Args {
     /// Health gate: how long the command must keep succeeding before the slot is blessed
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     health_hold: Duration,
-    /// Health gate: give up after this long (slot stays unblessed; next boot falls back)
+    /// Health gate: give up after this long (slot stays unblessed; next boot falls back). It gives up sooner
+    /// when a required unit has stayed failed, with no restart pending, for --health-hold
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     health_timeout: Duration,
     /// Health gate: units that must be up (comma-separated); default: the lines of --health-units-file

@@ -133,11 +133,27 @@ pub struct HealthConfig {
     pub on_failure: fallback::FailureAction,
 }
 
-/// Asks init for every unit's status and checks that each of `units` is up. `Err` says which is not.
-pub fn units_healthy(
-    socket: &std::path::Path,
-    units: &[String],
-) -> std::result::Result<(), String> {
+/// What init says of the units the health gate requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitsVerdict {
+    /// Every required unit is up.
+    Up,
+    /// Not (yet): the message says which unit and why (starting, restarting, unknown, init unreachable).
+    Waiting(String),
+    /// A required unit has failed and nothing will start it again: no restart pending, no job queued.
+    Failed(String),
+}
+
+/// Asks init for every unit's status and judges `units` by it.
+pub fn units_verdict(socket: &std::path::Path, units: &[String]) -> UnitsVerdict {
+    match list_units(socket) {
+        Ok(list) => judge_units(&list, units),
+        Err(why) => UnitsVerdict::Waiting(why),
+    }
+}
+
+/// init's `{"cmd":"list"}` answer: one status object per unit (docs/init-api.md).
+fn list_units(socket: &std::path::Path) -> std::result::Result<Vec<serde_json::Value>, String> {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach init at {}: {e}", socket.display()))?;
@@ -148,24 +164,36 @@ pub fn units_healthy(
     std::io::BufReader::new(s.take(8 << 20))
         .read_line(&mut line)
         .map_err(|e| format!("reading from init: {e}"))?;
-    let v: serde_json::Value =
+    let mut v: serde_json::Value =
         serde_json::from_str(&line).map_err(|e| format!("init answered non-JSON: {e}"))?;
-    let list = v["units"]
-        .as_array()
-        .ok_or_else(|| format!("init answered {}", v["type"]))?;
+    match v["units"].take() {
+        serde_json::Value::Array(list) => Ok(list),
+        _ => Err(format!("init answered {}", v["type"])),
+    }
+}
+
+/// The verdict on `units` from init's unit list: the first required unit that is not up decides.
+fn judge_units(list: &[serde_json::Value], units: &[String]) -> UnitsVerdict {
     for u in units {
         let Some(st) = list.iter().find(|x| x["name"].as_str() == Some(u.as_str())) else {
-            return Err(format!("required unit {u} is unknown to init"));
+            return UnitsVerdict::Waiting(format!("required unit {u} is unknown to init"));
         };
         let (active, sub) = (
             st["active"].as_str().unwrap_or(""),
             st["sub"].as_str().unwrap_or(""),
         );
-        if active != "active" || !matches!(sub, "running" | "exited") {
-            return Err(format!("required unit {u} is {active}/{sub}"));
+        if active == "active" && matches!(sub, "running" | "exited") {
+            continue;
         }
+        let why = format!("required unit {u} is {active}/{sub}");
+        // `failed/failed` is init's final state; a pending restart shows as activating/auto-restart.
+        return if active == "failed" && sub == "failed" && st["job"].is_null() {
+            UnitsVerdict::Failed(why)
+        } else {
+            UnitsVerdict::Waiting(why)
+        };
     }
-    Ok(())
+    UnitsVerdict::Up
 }
 
 /// Engine configuration (from `update-engine` flags).
@@ -738,6 +766,9 @@ impl Engine {
         }
     }
 
+    /// Waits until every required unit is up and `--health-cmd` succeeds, continuously for the hold. Gives up
+    /// at the timeout, or sooner when a required unit has stayed failed for good (see [`UnitsVerdict::Failed`])
+    /// for as long as the hold: nothing would bring it back before the timeout.
     fn health_gate(&self) -> std::result::Result<(), String> {
         let h = &self.cfg.health;
         if h.cmd.is_none() && h.units.is_empty() {
@@ -745,14 +776,15 @@ impl Engine {
         }
         let started = Instant::now();
         let mut healthy_since: Option<Instant> = None;
+        let mut failed_since: Option<Instant> = None;
         let step = (h.hold / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut last = String::new();
         loop {
-            let mut verdict = Ok(());
+            let mut verdict = UnitsVerdict::Up;
             if !h.units.is_empty() {
-                verdict = units_healthy(&h.init_socket, &h.units);
+                verdict = units_verdict(&h.init_socket, &h.units);
             }
-            if let (Ok(()), Some(cmd)) = (&verdict, &h.cmd) {
+            if let (UnitsVerdict::Up, Some(cmd)) = (&verdict, &h.cmd) {
                 let ok = std::process::Command::new("sh")
                     .arg("-c")
                     .arg(cmd)
@@ -762,17 +794,32 @@ impl Engine {
                     .map(|s| s.success())
                     .unwrap_or(false);
                 if !ok {
-                    verdict = Err(format!("`{cmd}` failed"));
+                    verdict = UnitsVerdict::Waiting(format!("`{cmd}` failed"));
                 }
             }
+            if !matches!(verdict, UnitsVerdict::Failed(_)) {
+                failed_since = None;
+            }
             match verdict {
-                Ok(()) => {
+                UnitsVerdict::Up => {
                     let since = *healthy_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= h.hold {
                         return Ok(());
                     }
                 }
-                Err(why) => {
+                UnitsVerdict::Failed(why) => {
+                    healthy_since = None;
+                    let since = *failed_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= h.hold {
+                        return Err(format!(
+                            "{why} (failed for {:?} with no restart pending; gave up before the {:?} timeout)",
+                            h.hold, h.timeout
+                        ));
+                    }
+                    self.set(|s| s.health = format!("checking: {why}"));
+                    last = why;
+                }
+                UnitsVerdict::Waiting(why) => {
                     healthy_since = None;
                     self.set(|s| s.health = format!("checking: {why}"));
                     last = why;
@@ -854,5 +901,34 @@ impl<R: Read> Read for Throttle<R> {
             std::thread::sleep(wait);
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(name: &str, active: &str, sub: &str, job: Option<&str>) -> serde_json::Value {
+        serde_json::json!({ "name": name, "active": active, "sub": sub, "job": job })
+    }
+
+    #[test]
+    fn the_first_required_unit_not_up_decides_and_only_a_final_failure_is_failed() {
+        let need = ["clusterd.service".to_string(), "web.service".to_string()];
+        let up = unit("clusterd.service", "active", "running", None);
+        let judge = |web| judge_units(&[up.clone(), web], &need);
+        assert_eq!(judge(unit("web.service", "active", "exited", None)), UnitsVerdict::Up);
+        assert_eq!(
+            judge(unit("web.service", "failed", "failed", None)),
+            UnitsVerdict::Failed("required unit web.service is failed/failed".into())
+        );
+        // A restart pending, a start queued, or still starting: it may yet come up.
+        for (active, sub, job) in [("activating", "auto-restart", None), ("failed", "failed", Some("start")), ("activating", "start", None)] {
+            assert!(matches!(judge(unit("web.service", active, sub, job)), UnitsVerdict::Waiting(_)), "{active}/{sub} {job:?}");
+        }
+        assert_eq!(
+            judge_units(&[up], &need),
+            UnitsVerdict::Waiting("required unit web.service is unknown to init".into())
+        );
     }
 }
