@@ -189,10 +189,10 @@ impl<'a> Search<'a> {
     }
 
     /// The operations worth linearizing next from `state`, with the state each leads to: operations that returned
-    /// first, then unknown-outcome ones with an observed value, then one stand-in (reductions 1 and 2).
-    fn candidates(&self, state: &Option<String>) -> Vec<(usize, Option<String>)> {
-        let min_ret = self.ops.iter().zip(&self.done).filter(|(_, d)| !**d).filter_map(|(o, _)| o.ret).min();
-        let Some(min_ret) = min_ret else { return Vec::new() };
+    /// first, then unknown-outcome ones with an observed value, then one stand-in (reductions 1 and 2). `None`
+    /// once every operation that returned is linearized: the history is explained.
+    fn candidates(&self, state: &Option<String>) -> Option<Vec<(usize, Option<String>)>> {
+        let min_ret = self.ops.iter().zip(&self.done).filter(|(_, d)| !**d).filter_map(|(o, _)| o.ret).min()?;
         let (mut returned, mut unknown) = (Vec::new(), Vec::new());
         let (mut standin_cas, mut standin_write) = (None, None);
         for (i, op) in self.ops.iter().enumerate() {
@@ -218,7 +218,7 @@ impl<'a> Search<'a> {
         if let Some(i) = standin_cas.or(standin_write) {
             returned.push((i, Some(UNOBSERVED.to_string())));
         }
-        returned
+        Some(returned)
     }
 
     /// Depth-first search from the current linearized set; `Err` once the budget is spent.
@@ -227,10 +227,8 @@ impl<'a> Search<'a> {
         if self.visited > BUDGET {
             return Err(());
         }
-        if self.ops.iter().zip(&self.done).all(|(o, d)| *d || o.ret.is_none()) {
-            return Ok(true);
-        }
-        for (i, next) in self.candidates(&state) {
+        let Some(candidates) = self.candidates(&state) else { return Ok(true) };
+        for (i, next) in candidates {
             self.done[i] = true;
             if self.first_visit(&next) && self.visit(next)? {
                 return Ok(true);

@@ -797,7 +797,8 @@ impl Engine {
                     verdict = UnitsVerdict::Waiting(format!("`{cmd}` failed"));
                 }
             }
-            if !matches!(verdict, UnitsVerdict::Failed(_)) {
+            let failed = matches!(verdict, UnitsVerdict::Failed(_));
+            if !failed {
                 failed_since = None;
             }
             match verdict {
@@ -807,20 +808,14 @@ impl Engine {
                         return Ok(());
                     }
                 }
-                UnitsVerdict::Failed(why) => {
+                UnitsVerdict::Failed(why) | UnitsVerdict::Waiting(why) => {
                     healthy_since = None;
-                    let since = *failed_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= h.hold {
+                    if failed && failed_since.get_or_insert_with(Instant::now).elapsed() >= h.hold {
                         return Err(format!(
                             "{why} (failed for {:?} with no restart pending; gave up before the {:?} timeout)",
                             h.hold, h.timeout
                         ));
                     }
-                    self.set(|s| s.health = format!("checking: {why}"));
-                    last = why;
-                }
-                UnitsVerdict::Waiting(why) => {
-                    healthy_since = None;
                     self.set(|s| s.health = format!("checking: {why}"));
                     last = why;
                 }
