@@ -75,7 +75,7 @@ bench: build
 	./scripts/bench.sh
 
 bench-image: build
-	$(CARGO) test --release -p keel-tests --test bench_boot -- --ignored --nocapture
+	$(CARGO) test --release -p keel-tests --test integration -- --ignored --nocapture bench_boot::
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -4,8 +4,7 @@
 //! from each machine's init. Waits are conditions with deadlines; figures are printed, not asserted.
 //! Clusters are created one test at a time (a lock) so timings are not skewed by each other.
 
-#[path = "common/ports.rs"]
-mod ports;
+use crate::common::ports;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

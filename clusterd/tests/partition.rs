@@ -1,8 +1,7 @@
 //! Partitions through a TCP proxy in front of every peer listener, and a Wing–Gong linearizability check over
 //! histories of concurrent reads, writes and CAS recorded while the leader is partitioned away and killed.
 
-mod common;
-mod linearizability;
+use crate::{common, linearizability};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

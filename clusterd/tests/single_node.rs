@@ -1,7 +1,7 @@
 //! One real `clusterd` process: curl recipes, Debian's etcdctl (ETCDCTL_API=2), python-etcd, bad input,
 //! clusterctl, restart with data, and refusing a corrupt store.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

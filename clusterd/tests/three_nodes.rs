@@ -1,7 +1,7 @@
 //! Three real members on 127.0.0.x: replication, forwarding from followers, peer authentication,
 //! repeated kill -9 of the leader under concurrent write load, full restart, membership changes.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! a watcher whose client disconnected is dropped at once (the `/metrics` gauge falls back without any write),
 //! and the default client listener serves loopback plus the container bridge address 10.88.0.1 once it exists.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

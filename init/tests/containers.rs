@@ -3,7 +3,7 @@
 //! image the test builds from Debian's busybox-static; `initctl image …` and `initctl run` drive it.
 //! Needs root, overlayfs, iproute2 and util-linux (nsenter); the registry test also skopeo and docker-registry.
 
-mod common;
+use crate::common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! init as PID 1 of a fresh PID namespace (and as a plain supervisor), driven by the real initctl.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

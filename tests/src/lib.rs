@@ -56,4 +56,30 @@ mod workspace_checks {
         }
         assert!(checked >= 14, "only {checked} binaries with test = false found; did the manifests change?");
     }
+
+    /// With `autotests = false` (one integration-test binary per crate, tests/integration.rs), a file in tests/
+    /// that integration.rs does not name as a module would silently never run.
+    #[test]
+    fn every_integration_test_file_is_a_module_of_the_crates_test_binary() {
+        let ws = crate::image::workspace();
+        let mut checked = 0;
+        for krate in ["clusterd", "init", "tests", "updater"] {
+            let dir = ws.join(krate).join("tests");
+            let main = std::fs::read_to_string(dir.join("integration.rs")).unwrap_or_else(|e| panic!("{krate}: {e}"));
+            let manifest = std::fs::read_to_string(ws.join(krate).join("Cargo.toml")).unwrap_or_default();
+            assert!(manifest.contains("autotests = false"), "{krate}/Cargo.toml: autotests must be off");
+            for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+                let path = entry.expect("dir entry").path();
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
+                let module = path.extension().is_some_and(|e| e == "rs") || path.join("mod.rs").exists();
+                if !module || stem == "integration" {
+                    continue;
+                }
+                let named = main.lines().any(|l| l.trim() == format!("mod {stem};"));
+                assert!(named, "{} is not `mod {stem};` in {krate}/tests/integration.rs: it would never run", path.display());
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "only {checked} integration-test files found; did the layout change?");
+    }
 }

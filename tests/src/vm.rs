@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_image::mkimage::Manifest;
@@ -533,10 +533,53 @@ pub fn qemu_available() -> bool {
     }
 }
 
-/// VMs boot one at a time (2 shared cores): tests hold this while a VM runs.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+/// A test's share of the host's VM slots; given back on drop.
+pub struct VmSlots {
+    held: usize,
+}
+
+/// Slots taken by the tests of this process, and how many tests needing more than one slot are waiting (then
+/// single-slot tests queue behind them instead of taking each slot the moment it frees).
+struct Pool {
+    used: usize,
+    big_waiting: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { used: 0, big_waiting: 0 });
+static FREED: Condvar = Condvar::new();
+
+/// How many VMs may run at once: each TCG vCPU keeps one host core busy, so one per core (2 on the build
+/// machines). `KEEL_TEST_VMS=1` runs one VM at a time, for timing figures (docs/benchmarks.md).
+pub fn capacity() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let asked = std::env::var("KEEL_TEST_VMS").ok().and_then(|v| v.parse().ok());
+    asked.unwrap_or(cores).clamp(1, cores)
+}
+
+/// Waits for `vms` VM slots (a test running that many VMs at once; capped at `capacity()`, so a 3-VM cluster
+/// runs alone) and holds them until the guard drops. Tests hold this while their VMs run.
+pub fn slots(vms: usize) -> VmSlots {
+    let (want, big) = (vms.clamp(1, capacity()), vms > 1);
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    pool.big_waiting += usize::from(big);
+    while pool.used + want > capacity() || (!big && pool.big_waiting > 0) {
+        pool = FREED.wait(pool).unwrap_or_else(|p| p.into_inner());
+    }
+    pool.big_waiting -= usize::from(big);
+    pool.used += want;
+    VmSlots { held: want }
+}
+
+/// Every slot: nothing else runs a VM meanwhile (boot-time benchmarks).
+pub fn exclusive() -> VmSlots {
+    slots(usize::MAX)
+}
+
+impl Drop for VmSlots {
+    fn drop(&mut self) {
+        POOL.lock().unwrap_or_else(|p| p.into_inner()).used -= self.held;
+        FREED.notify_all();
+    }
 }
 
 #[cfg(test)]
@@ -550,5 +593,44 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    fn pool() -> (usize, usize) {
+        let p = POOL.lock().unwrap();
+        (p.used, p.big_waiting)
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        crate::wait_until(what, Duration::from_secs(10), cond).unwrap();
+    }
+
+    /// A test wanting every slot waits for a running VM test to finish, and a single-slot test that comes
+    /// after it waits behind it (even with a slot free), so a cluster test cannot be starved.
+    #[test]
+    fn a_test_wanting_every_slot_waits_and_is_not_overtaken() {
+        let first = slots(1);
+        assert_eq!(pool(), (1, 0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let big = {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let all = exclusive();
+                tx.send(("big", capacity())).unwrap();
+                drop(all);
+            })
+        };
+        wait_for("the exclusive test queueing", || pool().1 == 1);
+        let small = std::thread::spawn(move || {
+            let one = slots(1);
+            tx.send(("small", 1)).unwrap();
+            drop(one);
+        });
+        assert!(rx.try_recv().is_err(), "nothing may start while the first test holds its slot");
+        drop(first);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), ("big", capacity()));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), ("small", 1));
+        big.join().unwrap();
+        small.join().unwrap();
+        assert_eq!(pool(), (0, 0));
     }
 }

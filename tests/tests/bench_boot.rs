@@ -2,7 +2,7 @@
 //! UEFI, beside a Debian + systemd rootfs booted with the same kernel and QEMU settings (TCG, -smp 1 -m 512).
 //!
 //! Ignored by default (≈ 2–3 minutes). Run:
-//!   cargo test --release -p keel-tests --test bench_boot -- --ignored --nocapture
+//!   cargo test --release -p keel-tests --test integration -- --ignored --nocapture bench_boot::
 //! Baseline: set KEEL_BENCH_DEBIAN_IMG to an ext4 image of
 //!   debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm DIR
 //! (mkfs.ext4 -d DIR img 1G); it boots with Debian's own /boot/initrd.img-<kver>, root=/dev/vda.
@@ -39,7 +39,7 @@ fn measure(label: &str, mut opts: impl FnMut(usize) -> VmOptions, markers: &[&st
 #[test]
 #[ignore = "benchmark: boots ~9 VMs, run explicitly (see the file header)"]
 fn boot_time_to_ready() {
-    let _one = vm::serial();
+    let _all = vm::exclusive();
     if !vm::qemu_available() {
         return;
     }

@@ -1,4 +1,4 @@
-//! Keel's image booted under QEMU (TCG, -smp 1 -m 512), one VM at a time.
+//! Keel's image booted under QEMU (TCG, -smp 1 -m 512), one VM per host core at a time (`vm::slots`).
 //!
 //! The image is built by mkimage on first use (≈ 4 s); each test boots fresh overlays of it. Console logs
 //! stay in target/keel-tests/vms/<test>/. The whole file takes ≈ 2–3 minutes on the 2-core build machine.
@@ -23,7 +23,7 @@ fn ready(vm: &mut Vm, how: &str) -> Duration {
 
 #[test]
 fn direct_boot_reaches_ready_with_usr_read_only() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -48,7 +48,7 @@ fn direct_boot_reaches_ready_with_usr_read_only() {
 
 #[test]
 fn uefi_boot_reaches_ready_through_systemd_boot() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -63,7 +63,7 @@ fn uefi_boot_reaches_ready_through_systemd_boot() {
 
 #[test]
 fn a_file_on_root_persists_across_reboot() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -86,7 +86,7 @@ fn a_file_on_root_persists_across_reboot() {
 
 #[test]
 fn slot_b_with_tries_exhausted_falls_back_to_a_by_gpt_bits() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -115,7 +115,7 @@ fn slot_b_with_tries_exhausted_falls_back_to_a_by_gpt_bits() {
 /// UEFI spec asks), has the kernel re-read the partitions, and boots by the backup's slot bits.
 #[test]
 fn a_damaged_primary_gpt_boots_from_the_backup_copy_and_is_rebuilt() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -164,7 +164,7 @@ fn esp_list(disk: &Path) -> String {
 
 #[test]
 fn uefi_boot_counting_falls_back_to_a_when_b_is_never_blessed() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -196,7 +196,7 @@ fn user_data(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn cloud_config_from_fw_cfg_sets_hostname_and_starts_a_unit() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -226,7 +226,7 @@ fn cloud_config_from_fw_cfg_sets_hostname_and_starts_a_unit() {
 
 #[test]
 fn malformed_cloud_config_is_reported_and_the_machine_still_boots() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -246,7 +246,7 @@ fn malformed_cloud_config_is_reported_and_the_machine_still_boots() {
 #[test]
 fn a_corrupt_usr_slot_is_named_on_the_console_with_a_way_out() {
     use std::io::{Seek, SeekFrom, Write};
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -265,7 +265,7 @@ fn a_corrupt_usr_slot_is_named_on_the_console_with_a_way_out() {
 
 #[test]
 fn clusterd_from_the_image_serves_the_kv_api_when_cloud_config_starts_it() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -299,7 +299,7 @@ fn clusterd_from_the_image_serves_the_kv_api_when_cloud_config_starts_it() {
 
 #[test]
 fn root_grows_to_fill_a_larger_disk_on_first_boot() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -320,7 +320,7 @@ fn root_grows_to_fill_a_larger_disk_on_first_boot() {
 
 #[test]
 fn two_vms_on_a_test_bridge_reach_each_other_with_cloud_config_addresses() {
-    let _one = vm::serial();
+    let _vms = vm::slots(2);
     if !vm::qemu_available() {
         return;
     }
@@ -353,7 +353,7 @@ fn two_vms_on_a_test_bridge_reach_each_other_with_cloud_config_addresses() {
 
 #[test]
 fn cloud_config_from_a_nocloud_cidata_disk_is_applied() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -383,7 +383,7 @@ fn cloud_config_from_a_nocloud_cidata_disk_is_applied() {
 /// goes last and must take the machine down (QEMU runs with -no-reboot).
 #[test]
 fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -433,7 +433,7 @@ fn the_readme_tour_runs_as_written_on_the_make_run_machine() {
 /// shell, which used to be unlinked from under it.
 #[test]
 fn a_second_keelvm_run_on_the_same_out_dir_is_refused_and_the_running_vm_keeps_its_disk_and_shell() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }

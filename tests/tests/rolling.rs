@@ -174,7 +174,7 @@ fn summary(label: &str, c: &Cluster, records: &[Record], svc: ServiceShape, from
 /// outside them writes and reads the KV and polls the service on every machine; nothing acknowledged is lost.
 #[test]
 fn three_machines_form_a_cluster_and_serve_a_client_outside() {
-    let _one = vm::serial();
+    let _vms = vm::slots(3);
     if !vm::qemu_available() {
         return;
     }
@@ -462,7 +462,7 @@ fn watch_until(
 /// releases the lock; the server halts the group and the others never boot 3.0.0.
 #[test]
 fn a_cluster_updates_itself_one_machine_at_a_time() {
-    let _one = vm::serial();
+    let _vms = vm::slots(3);
     if !vm::qemu_available() {
         return;
     }

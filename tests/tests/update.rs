@@ -388,7 +388,7 @@ fn expect_blessed_v2(vm: &mut Vm, disk: &Disk, server: &Server) -> Duration {
 
 #[test]
 fn v1_updates_to_v2_reboots_and_blesses_it() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -449,7 +449,7 @@ fn v1_updates_to_v2_reboots_and_blesses_it() {
 /// plain name that systemd-boot then always prefers.
 #[test]
 fn a_uefi_machine_updates_to_v2_through_systemd_boot() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -476,7 +476,7 @@ fn a_uefi_machine_updates_to_v2_through_systemd_boot() {
 
 #[test]
 fn v3_with_a_failing_health_gate_falls_back_by_itself_and_reports_44() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }
@@ -558,7 +558,7 @@ fn kill_points() -> (u64, Vec<f64>) {
 
 #[test]
 fn killing_qemu_during_apply_always_leaves_a_bootable_machine_that_finishes_the_update() {
-    let _one = vm::serial();
+    let _vm = vm::slots(1);
     if !vm::qemu_available() {
         return;
     }

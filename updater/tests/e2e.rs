@@ -1,7 +1,7 @@
 //! Host end-to-end: updateserver + update-engine processes, a file-backed GPT disk and an ESP directory.
 //! check → download → verify → write → slot flags; kill mid-write and resume; every refusal reported.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

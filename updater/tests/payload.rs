@@ -11,7 +11,7 @@ use keel_updater::payload::{
     verify_stream, KeyPair, PayloadError, PayloadHead, TrustedKeys, HEADER_LEN,
 };
 
-mod common;
+use crate::common;
 
 use common::pseudo_random;
 

@@ -5,9 +5,8 @@
 //! clusterd comes from the release directory next to this test binary: `cargo build --release -p
 //! keel-clusterd` first (`make test` builds every binary before testing).
 
-mod common;
-#[path = "../../clusterd/tests/common/ports.rs"]
-mod ports;
+use crate::common;
+use crate::ports;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

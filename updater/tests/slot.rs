@@ -1,6 +1,6 @@
 //! A/B slot flags on a file-backed GPT disk (checked against sgdisk) and ESP kernel names.
 
-mod common;
+use crate::common;
 
 use common::*;
 use keel_updater::slot::{KernelEntry, Slot, SlotBits, Slots};

@@ -30,7 +30,7 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
-mod ports;
+pub mod ports;
 pub use ports::{bind_unused, free_port};
 
 /// Whether `tool` is on PATH.
