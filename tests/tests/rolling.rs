@@ -550,8 +550,17 @@ fn a_cluster_updates_itself_one_machine_at_a_time() {
         let reported = server.machines().unwrap_or_default().iter().any(|m| m["last_error"] == 44 || m["state"] == "rolled-back");
         back && reported && lock_now(recs).as_deref() == Some("-")
     });
-    // two more check intervals: the others must be refused now
-    watch(&mut c, Duration::from_secs(35));
+    // The group is halted by now: wait until each of the others has checked again after the canary's report
+    // (the server's clock on both sides), so the checks below see what the halted group answered them.
+    let canary = canary.expect("the canary is known once the wait above ended");
+    let seen = |c: &Cluster, ms: &[Value], i: usize| {
+        ms.iter().find(|m| c.node_by_id(m["id"].as_str().unwrap_or("")) == Some(i)).and_then(|m| m["last_seen"].as_u64())
+    };
+    let reported_at = seen(&c, &server.machines().unwrap_or_default(), canary).expect("the server knows the canary");
+    watch_until(&mut c, &p, shape, t0, "the other machines checking for updates after the halt", Duration::from_secs(90), |c, _| {
+        let ms = server.machines().unwrap_or_default();
+        (0..3).filter(|i| *i != canary).all(|i| seen(c, &ms, i).is_some_and(|at| at > reported_at))
+    });
     eprintln!("keel-tests: guest memory (MiB, of {}): {:?}; QEMU RSS on the host (MiB): {:?}", memory_mib(), guest_memory(&mut c), qemu_rss_mib(&c));
     if fleet {
         if let Ok(o) = c.run(0, "fleetctl list-units", Duration::from_secs(30)) {
