@@ -559,10 +559,11 @@ pub fn capacity() -> usize {
 /// Waits for `vms` VM slots (a test running that many VMs at once; capped at `capacity()`, so a 3-VM cluster
 /// runs alone) and holds them until the guard drops. Tests hold this while their VMs run.
 pub fn slots(vms: usize) -> VmSlots {
-    let (want, big) = (vms.clamp(1, capacity()), vms > 1);
+    let cap = capacity();
+    let (want, big) = (vms.clamp(1, cap), vms > 1);
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     pool.big_waiting += usize::from(big);
-    while pool.used + want > capacity() || (!big && pool.big_waiting > 0) {
+    while pool.used + want > cap || (!big && pool.big_waiting > 0) {
         pool = FREED.wait(pool).unwrap_or_else(|p| p.into_inner());
     }
     pool.big_waiting -= usize::from(big);
@@ -600,10 +601,6 @@ mod tests {
         (p.used, p.big_waiting)
     }
 
-    fn wait_for(what: &str, cond: impl Fn() -> bool) {
-        crate::wait_until(what, Duration::from_secs(10), cond).unwrap();
-    }
-
     /// A test wanting every slot waits for a running VM test to finish, and a single-slot test that comes
     /// after it waits behind it (even with a slot free), so a cluster test cannot be starved.
     #[test]
@@ -619,7 +616,7 @@ mod tests {
                 drop(all);
             })
         };
-        wait_for("the exclusive test queueing", || pool().1 == 1);
+        crate::wait_until("the exclusive test queueing", Duration::from_secs(10), || pool().1 == 1).unwrap();
         let small = std::thread::spawn(move || {
             let one = slots(1);
             tx.send(("small", 1)).unwrap();
