@@ -221,6 +221,8 @@ GET at 64 connections 24k → 90–97k req/s). Three members plus wrk share 2 co
 between runs; compare the two systems within one run only.
 MD
 )"
+# `make bench` passes /dev/stdout: print the section there; a regular file gets its `## clusterd` section replaced.
+if [ "$OUT" = /dev/stdout ] || [ "$OUT" = - ]; then printf '%s\n' "$SECTION"; exit 0; fi
 mkdir -p "$(dirname "$OUT")"
 touch "$OUT"
 # Replace our section (from "## clusterd" to the next "## ") and keep the rest of the file.
