@@ -13,6 +13,7 @@ use keel_clusterd::server::{self, ClusterState, Config};
 /// jemalloc instead of glibc's allocator: under write load glibc's malloc/free (with its chunk consolidation)
 /// took ≈ 20 % of every member's CPU; jemalloc gave +12–15 % PUT throughput at 64 connections with a lower p99
 /// (mimalloc was as fast but added a 2–20 ms tail to 1 % of requests). See docs/benchmarks.md.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
