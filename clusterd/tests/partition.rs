@@ -146,7 +146,7 @@ fn minority_refuses_majority_continues_and_histories_are_linearizable() {
         let ops = prepare(all);
         let unknown = ops.iter().filter(|o| o.ret.is_none()).count();
         eprintln!("{key}: {} operations ({unknown} with unknown outcome)", ops.len());
-        let dump = std::env::temp_dir().join(format!("keel-lin-{}.txt", key.replace('/', "_")));
+        let dump = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("keel-lin-{}.txt", key.replace('/', "_")));
         let lines: Vec<String> = ops.iter().map(|o| format!("{:?} [{} .. {:?}]", o.kind, o.invoke, o.ret)).collect();
         let _ = std::fs::write(&dump, lines.join("\n"));
         let (verdict, states) = check(&ops, None);

@@ -27,16 +27,30 @@ fn busybox() -> &'static str {
     ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static is installed")
 }
 
-/// An OCI layout of busybox, made once per test binary.
+/// An OCI layout of busybox, made once per test process in cargo's target/tmp. A process cannot remove its own at
+/// exit (statics are never dropped), so each run first removes the layouts of runs whose process is gone.
 fn busybox_layout() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("keel-busybox-layout-{}", std::process::id()));
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_layouts_of_finished_runs(root);
+        let dir = root.join(format!("busybox-layout-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         keel_init::images::import::write_busybox_layout(&dir, Path::new(busybox()), "latest").expect("busybox layout");
         dir
     })
     .clone()
+}
+
+fn remove_layouts_of_finished_runs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("busybox-layout-") else { continue };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 impl Cbox {
