@@ -59,17 +59,33 @@ etcd_leader() {
   done
 }
 
-# run_wrk NAME URL CONNS SCRIPT -> "rps p50 p99"
+# wal_syncs NAME -> "seconds count": the log fsync histogram summed over the three members
+# (clusterd: a redb commit of a log batch; etcd: a WAL fdatasync).
+wal_syncs() {
+  local metric=keel_wal_fsync_duration_seconds ports="32379 32381 32383"
+  [ "$1" = etcd ] && metric=etcd_disk_wal_fsync_duration_seconds ports="22379 22381 22383"
+  for p in $ports; do curl -s "http://127.0.0.1:$p/metrics"; done |
+    awk -v m="$metric" '$1==m"_sum" {s+=$2} $1==m"_count" {c+=$2} END {printf "%.6f %d\n", s, c}'
+}
+
+# run_wrk NAME URL CONNS SCRIPT -> "rps p50 p99 non-2xx fsyncs-per-request mean-fsync"
 run_wrk() {
   local url=$2 c=$3 script=$4 threads=$(( $3 < 2 ? 1 : 2 ))
+  # Start from a clean page cache: the kernel writes dirty pages back ≈ 30 s after they were dirtied, so without this
+  # one system's run pays for the other's previous run (clusterd PUT p99 at 64 connections 159 ms instead of ≈ 9).
+  sync
+  local s0 c0 s1 c1; read -r s0 c0 < <(wal_syncs "$1")
   local out; out="$(wrk -t$threads -c"$c" -d"${DUR}s" --latency -s "$script" "$url" 2>&1)"
+  read -r s1 c1 < <(wal_syncs "$1")
   echo "$out" > "$WORK/wrk-$1-$c-$(basename "$script").txt"
-  local rps p50 p99 errs
+  local rps p50 p99 errs n
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   errs=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  echo "$rps $p50 $p99 ${errs:-0}"
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  echo "$rps $p50 $p99 ${errs:-0} $(awk -v n="${n:-0}" -v s0="$s0" -v s1="$s1" -v c=$((c1 - c0)) \
+    'BEGIN { printf "%.2f %.0fus", (n > 0 ? c / n : 0), (c > 0 ? (s1 - s0) / c * 1e6 : 0) }')"
 }
 
 declare -A R
@@ -105,6 +121,16 @@ round_ratios() {
   paste -d' ' <(echo "${R[clusterd-$1-rounds]}" | tr -d ' ' | tr ',' '\n') <(echo "${R[etcd-$1-rounds]}" | tr -d ' ' | tr ',' '\n') |
     awk '{printf "%s%.2f", (NR>1?", ":""), ($2 > 0 ? $1/$2 : 0)}'
 }
+# One paragraph on the 1-connection PUT: how much of each request the disk spent on log fsyncs, and the throughput
+# ratio that the cost of one fsync alone predicts.
+sync_bound() {
+  set -- ${R[clusterd-put-1]} ${R[etcd-put-1]}
+  awk -v crps="$1" -v cn="$5" -v cf="${6%us}" -v erps="$7" -v en="${11}" -v ef="${12%us}" 'BEGIN {
+    ct = cn * cf; et = en * ef
+    printf "Where the 1-connection figure comes from (same run, median rounds): both systems write every entry on all three members and all six share one disk. Per request, clusterd spent %.2f log fsyncs × %.0f µs = %.0f µs syncing (%.0f %% of its %.0f µs per request), etcd %.2f × %.0f µs = %.0f µs (%.0f %% of %.0f µs): the disk sets the pace. ", cn, cf, ct, 100 * ct * crps / 1e6, 1e6 / crps, en, ef, et, 100 * et * erps / 1e6, 1e6 / erps
+    printf "The cost of one log fsync alone predicts clusterd / etcd = %.2f× (measured %.2f×). A clusterd fsync is a redb commit (copy-on-write B-tree: 8–13 scattered pages, see below), an etcd fsync a one-page append to a preallocated WAL file; 1.5× with 1 connection would need the redb commit at two thirds of that one-page append.\n", (ct > 0 ? et / ct : 0), crps / erps
+  }'
+}
 SECTION="$(cat <<MD
 ## clusterd
 
@@ -113,8 +139,8 @@ the two, median round shown (\`clusterd/bench/clusterd-bench.sh $DUR\`). 3 membe
 v2 \`PUT\` of 256-byte values over 1000 keys; GET is linearizable (clusterd's default, etcd's \`quorum=true\`).
 Both fsync before acknowledging (clusterd: redb \`Durability::Immediate\`, one transaction per batch).
 
-| run | req/s | p50 | p99 | non-2xx | rounds (req/s) |
-|---|---|---|---|---|---|
+| run | req/s | p50 | p99 | non-2xx | log fsyncs per request (3 members) | mean log fsync | rounds (req/s) |
+|---|---|---|---|---|---|---|---|
 $(echo "| clusterd PUT, 1 conn | ${R[clusterd-put-1]// / | } | ${R[clusterd-put-1-rounds]} |")
 $(echo "| etcd PUT, 1 conn | ${R[etcd-put-1]// / | } | ${R[etcd-put-1-rounds]} |")
 $(echo "| clusterd PUT, 64 conns | ${R[clusterd-put-64]// / | } | ${R[clusterd-put-64-rounds]} |")
@@ -125,6 +151,12 @@ $(echo "| etcd GET quorum, 64 conns | ${R[etcd-get-64]// / | } | ${R[etcd-get-64
 clusterd / etcd throughput (median over median; each round's own ratio in brackets): PUT 1 conn $(ratio clusterd-put-1 etcd-put-1)
 ($(round_ratios put-1)), PUT 64 conns $(ratio clusterd-put-64 etcd-put-64) ($(round_ratios put-64)), GET 64 conns
 $(ratio clusterd-get-64 etcd-get-64) ($(round_ratios get-64)). Targets (issue 3): ≥ 1.5× with 1 connection, ≥ 2× with 64, p99 no worse.
+
+$(sync_bound)
+
+The passes below were measured on 2026-11-22, when this machine's disk synced faster (one-page \`fdatasync\`
+29–64 µs then, from Python; 129 µs p50 on 2026-12-07 at 22:05Z, 200 syncs): etcd did ≈ 3,600 PUT/s with 1 connection
+and clusterd ≈ 2,430 (0.67×). The 1-connection ratio is 0.6–0.7× on both disks.
 
 Fifth pass (2026-11-22, evening). **\`--threads\`**: clusterd's async workers now default to half the CPUs the
 process may use (at least 1) instead of one per CPU, so a member leaves the machine to its containers; on this
