@@ -45,7 +45,7 @@ build: deps
 # Every test: unit tests, host integration tests (real processes in namespaces and cgroups, real clusters on
 # loopback, real clients), and the QEMU tests (the tests build the image themselves). QEMU must be present.
 test: build
-	@# A hung test must fail the run, not hold CI until its own limit: the suite takes ≈ 27 min here on a slow day (2 cores; 9 of them `make build`).
+	@# A hung test must fail the run, not hold CI until its own limit: the suite takes ≈ 23–27 min here (2 cores; 7–9 of them `make build`).
 	KEEL_REQUIRE_QEMU=1 KEEL_REQUIRE_TOOLS=1 timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --release --workspace -- --test-threads=2 \
 	  || { rc=$$?; [ $$rc -ne 124 ] || echo "make test: stopped after $(TEST_TIMEOUT); a test hung (the last 'Running' line above names its suite)"; exit $$rc; }
 

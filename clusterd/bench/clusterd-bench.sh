@@ -13,6 +13,9 @@ BIN="${CLUSTERD_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release/clusterd}"
 OUT="${BENCH_OUT:-$ROOT/docs/benchmarks.md}"
 WORK="$(mktemp -d /var/tmp/clusterd-bench.XXXXXX)"
 PIDS=()
+# The three members' client ports (each member's peer port is its client port + 1).
+CLUSTERD_PORTS="32379 32381 32383"
+ETCD_PORTS="22379 22381 22383"
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 for t in wrk etcd curl; do command -v $t >/dev/null || { echo "missing $t (make deps)"; exit 1; }; done
@@ -32,10 +35,10 @@ start_clusterd() {
       >"$WORK/clusterd-$n.log" 2>&1 &
     PIDS+=($!); i=$((i+1))
   done
-  for p in 32379 32381 32383; do wait_http "http://127.0.0.1:$p/health"; done
+  for p in $CLUSTERD_PORTS; do wait_http "http://127.0.0.1:$p/health"; done
 }
 clusterd_leader() {
-  for p in 32379 32381 32383; do
+  for p in $CLUSTERD_PORTS; do
     if curl -s "http://127.0.0.1:$p/keel/status" | grep -q '"isLeader":true'; then echo "http://127.0.0.1:$p"; return; fi
   done
 }
@@ -50,11 +53,11 @@ start_etcd() {
       >"$WORK/etcd-$n.log" 2>&1 &
     PIDS+=($!); i=$((i+1))
   done
-  for p in 22379 22381 22383; do wait_http "http://127.0.0.1:$p/health"; done
+  for p in $ETCD_PORTS; do wait_http "http://127.0.0.1:$p/health"; done
   sleep 1
 }
 etcd_leader() {
-  for p in 22379 22381 22383; do
+  for p in $ETCD_PORTS; do
     if curl -s "http://127.0.0.1:$p/v2/stats/self" | grep -q StateLeader; then echo "http://127.0.0.1:$p"; return; fi
   done
 }
@@ -62,8 +65,8 @@ etcd_leader() {
 # wal_syncs NAME -> "seconds count": the log fsync histogram summed over the three members
 # (clusterd: a redb commit of a log batch; etcd: a WAL fdatasync).
 wal_syncs() {
-  local metric=keel_wal_fsync_duration_seconds ports="32379 32381 32383"
-  [ "$1" = etcd ] && metric=etcd_disk_wal_fsync_duration_seconds ports="22379 22381 22383"
+  local metric=keel_wal_fsync_duration_seconds ports=$CLUSTERD_PORTS
+  [ "$1" = etcd ] && metric=etcd_disk_wal_fsync_duration_seconds ports=$ETCD_PORTS
   for p in $ports; do curl -s "http://127.0.0.1:$p/metrics"; done |
     awk -v m="$metric" '$1==m"_sum" {s+=$2} $1==m"_count" {c+=$2} END {printf "%.6f %d\n", s, c}'
 }
@@ -114,7 +117,6 @@ measure put-1 1 "$HERE/put256.lua" "$HERE/put256.lua"
 measure put-64 64 "$HERE/put256.lua" "$HERE/put256.lua"
 measure get-64 64 "$HERE/get.lua" "$WORK/getq.lua"
 
-row() { set -- $2; echo "| $1 | $2 | $3 | $4 |"; }
 ratio() { awk -v a="$(echo "${R[$1]}" | cut -d' ' -f1)" -v b="$(echo "${R[$2]}" | cut -d' ' -f1)" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else print "n/a" }'; }
 # Each round's clusterd/etcd ratio (the two runs of a round are adjacent in time): "1.84, 1.84, 2.38".
 round_ratios() {
