@@ -135,7 +135,8 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<String, String>, Server
 /// Errors of a proposal or linearizable read.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
-    /// This member is not the leader; the leader's peer URL if known.
+    /// This member is not the leader; the leader's peer URL if known. The proposal certainly had no effect:
+    /// openraft says so before appending it, or after truncating it from the log as uncommitted.
     #[error("not the leader")]
     NotLeader(Option<String>),
     /// No commit within [`PROPOSE_TIMEOUT`] (no quorum?).
@@ -155,6 +156,30 @@ impl ProposeError {
                 EtcdError::new(code::RAFT_INTERNAL, "timed out waiting for a quorum of members", index)
             }
             ProposeError::Fatal(m) => EtcdError::new(code::RAFT_INTERNAL, m.clone(), index),
+        }
+    }
+}
+
+/// Why a request forwarded to the leader got no answer from it.
+#[derive(Debug)]
+enum ForwardError {
+    /// The request never reached the leader (no connection): it has no effect.
+    NotSent(String),
+    /// The request may have reached the leader, but its answer was lost or late: a write may or may not have
+    /// been applied (the client must read to find out, as after an etcd `request timed out`).
+    NoAnswer(String),
+}
+
+impl ForwardError {
+    /// 301 only when the request certainly had no effect; otherwise 300, like etcd's `request timed out`.
+    fn to_etcd(&self, index: u64) -> EtcdError {
+        match self {
+            ForwardError::NotSent(cause) => EtcdError::new(code::LEADER_ELECT, format!("no leader reachable: {cause}"), index),
+            ForwardError::NoAnswer(cause) => EtcdError::new(
+                code::RAFT_INTERNAL,
+                format!("{cause}; the request may or may not have taken effect"),
+                index,
+            ),
         }
     }
 }
@@ -426,8 +451,7 @@ impl Ctx {
         if let Some(ct) = headers.get("content-type") {
             b = b.header("content-type", ct);
         }
-        let err = |cause: String| {
-            let e = EtcdError::new(code::LEADER_ELECT, cause, self.sm.store_index());
+        let err = |e: EtcdError| {
             Response::builder()
                 .status(e.status())
                 .header("content-type", "application/json")
@@ -438,18 +462,26 @@ impl Ctx {
         };
         let req = match b.body(Full::new(body)) {
             Ok(r) => r,
-            Err(e) => return err(format!("cannot build forwarded request: {e}")),
+            Err(e) => return err(ForwardError::NotSent(format!("cannot build forwarded request: {e}")).to_etcd(self.sm.store_index())),
         };
         let fut = async {
-            let resp = self.client.request(req).await.map_err(|e| format!("forwarding to leader {leader_peer_url}: {e}"))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                let cause = format!("forwarding to leader {leader_peer_url}: {e}");
+                if e.is_connect() { ForwardError::NotSent(cause) } else { ForwardError::NoAnswer(cause) }
+            })?;
             let (parts, body) = resp.into_parts();
-            let bytes = body.collect().await.map_err(|e| format!("reading leader answer: {e}"))?.to_bytes();
-            Ok::<_, String>(Response::from_parts(parts, Full::new(bytes).boxed()))
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ForwardError::NoAnswer(format!("reading the answer of leader {leader_peer_url}: {e}")))?
+                .to_bytes();
+            Ok::<_, ForwardError>(Response::from_parts(parts, Full::new(bytes).boxed()))
         };
         match tokio::time::timeout(PROPOSE_TIMEOUT + Duration::from_secs(2), fut).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => err(e),
-            Err(_) => err(format!("leader {leader_peer_url} did not answer in time")),
+            Ok(Err(e)) => err(e.to_etcd(self.sm.store_index())),
+            Err(_) => err(ForwardError::NoAnswer(format!("leader {leader_peer_url} did not answer in time"))
+                .to_etcd(self.sm.store_index())),
         }
     }
 
