@@ -66,3 +66,10 @@ cat <<EOF
 | tini (reaps one child, supervises nothing) | $(kib "$tini_rss") | – | $(ratio "$keel_rss" "$tini_rss") |
 | s6-svscan + $N s6-supervise | $(kib "$s6_rss") | ${t_s6} ms | $(ratio "$keel_rss" "$s6_rss") |
 EOF
+# init's RSS depends on init/link-order.txt naming the functions its idle loop runs; say when the list has aged.
+if command -v nm >/dev/null && [ -f init/link-order.txt ]; then
+  listed=$(grep -vc '^#' init/link-order.txt || true)
+  found=$(grep -v '^#' init/link-order.txt | grep -cxF -f <(nm --no-demangle "$BIN/init" | awk '{print $NF}') || true)
+  echo
+  echo "init/link-order.txt: $found of $listed listed functions exist in this build (fewer, or new idle-loop code: refresh with scripts/init-link-order.sh)."
+fi
