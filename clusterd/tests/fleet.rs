@@ -667,6 +667,8 @@ fn drain_moves_units_and_drain_progress_empties() {
     c.fleetctl_ok(&["start", "web@7"]);
     assert_ne!(c.snapshot().schedule.get("web@7.service").map(String::as_str), Some("m2"));
     c.fleetctl_ok(&["undrain", "m2"]);
+    let machines = c.fleetctl_ok(&["list-machines"]);
+    assert_eq!(machines.lines().filter(|l| l.trim_end().ends_with("schedulable")).count(), 3, "{machines}");
     c.fleetctl_ok(&["start", "web@8"]);
     assert_eq!(c.snapshot().schedule.get("web@8.service").map(String::as_str), Some("m2"), "the emptiest machine takes new work");
 }

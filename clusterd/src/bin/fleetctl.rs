@@ -53,7 +53,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List machines with a live heartbeat: id, addresses, metadata (and DRAINING).
+    /// List machines with a live heartbeat: id, address, metadata, and STATE: `schedulable` (new units may
+    /// land there) or `draining` (with the reason under -l; `fleetctl undrain` ends it).
     ListMachines {
         /// Full machine ids.
         #[arg(short = 'l', long = "full")]
@@ -442,7 +443,7 @@ fn list_machines(ctl: &Ctl, full: bool) -> anyhow::Result<()> {
         let state = match snap.drains.get(id) {
             Some(d) if full => format!("draining ({})", d.reason),
             Some(_) => "draining".into(),
-            None => "-".into(),
+            None => "schedulable".into(),
         };
         rows.push(vec![
             short(id, full),
