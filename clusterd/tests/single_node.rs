@@ -341,3 +341,25 @@ fn no_port_is_handed_out_twice() {
         assert!(seen.insert(port), "port {port} handed out twice");
     }
 }
+
+#[test]
+fn a_name_or_url_missing_from_initial_cluster_is_refused_with_the_fix() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        let o = Command::new(common::BIN)
+            .args(["--data-dir"])
+            .arg(tmp.path().join("data"))
+            .args(["--listen-client-urls", "http://127.0.0.1:1", "--listen-peer-urls", "http://127.0.0.1:2"])
+            .args(args)
+            .output()
+            .expect("run clusterd");
+        assert!(!o.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // A mistyped name whose peer URL is another member's entry used to start as that member.
+    let err = run(&["--name", "a", "--initial-cluster", "b=http://127.0.0.1:2,c=http://127.0.0.1:3"]);
+    assert!(err.contains("--name \"a\" is not in --initial-cluster (it names b, c)"), "{err}");
+    let err = run(&["--name", "b", "--initial-cluster", "b=http://127.0.0.1:2", "--initial-advertise-peer-urls", "http://127.0.0.1:9"]);
+    assert!(err.contains("--initial-cluster has b=http://127.0.0.1:2 but --initial-advertise-peer-urls is http://127.0.0.1:9"), "{err}");
+    assert!(!tmp.path().join("data").exists(), "refused before touching the data directory");
+}

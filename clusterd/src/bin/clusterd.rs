@@ -214,6 +214,9 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         (None, Some(s)) => server::parse_initial_cluster(s)?,
         (None, None) => [(a.name.clone(), a.initial_advertise_peer_urls.clone().unwrap_or_else(|| listen_peer.clone()))].into_iter().collect(),
     };
+    if a.discovery.is_none() && a.initial_cluster.is_some() && a.initial_cluster_state == "new" {
+        check_own_entry(&initial, &a.name, a.initial_advertise_peer_urls.as_deref())?;
+    }
     if a.election_timeout < 3 * a.heartbeat_interval {
         anyhow::bail!(
             "--election-timeout {} ms is less than 3x --heartbeat-interval {} ms: members would elect while the leader is healthy; raise --election-timeout or lower --heartbeat-interval",
@@ -242,6 +245,29 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         election_timeout_ms: a.election_timeout,
         container_subnet: a.container_subnet.0,
     })
+}
+
+/// etcd's start-up check of a new cluster's flags: this member appears in --initial-cluster under its own
+/// --name, at the peer URL it advertises. Without it a mistyped --name would join as whichever member's URL
+/// matched, under the wrong name.
+fn check_own_entry(initial: &std::collections::BTreeMap<String, String>, name: &str, advertise: Option<&str>) -> anyhow::Result<()> {
+    let Some(url) = initial.get(name) else {
+        let names: Vec<&str> = initial.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "--name {name:?} is not in --initial-cluster (it names {}): every member of a new cluster is listed there \
+             as NAME=PEER-URL under its own --name; fix --name or the list",
+            names.join(", ")
+        );
+    };
+    if let Some(adv) = advertise.map(|u| u.trim_end_matches('/')) {
+        if adv != url {
+            anyhow::bail!(
+                "--initial-cluster has {name}={url} but --initial-advertise-peer-urls is {adv}: a member's entry must be \
+                 the URL it advertises; make them the same"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Open and verify a store in a throw-away child process: a damaged file can make the storage engine abort,
