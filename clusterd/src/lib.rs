@@ -2,13 +2,14 @@
 //!
 //! Layout: [`kv`] is the pure etcd-v2 state machine; [`raft`] wires it to openraft with redb storage and an
 //! HTTP peer transport; [`api`] serves the client API (`/v2/keys`, `/v2/members`, `/health`, `/version`,
-//! `/metrics`); [`server`] assembles a member; [`discovery`] forms a cluster from a discovery token; [`client`] is a small blocking HTTP client used by
+//! `/metrics`); [`server`] assembles a member; [`connections`] budgets the connections each kind of client may hold open; [`discovery`] forms a cluster from a discovery token; [`client`] is a small blocking HTTP client used by
 //! `clusterctl` and the tests. [`fleet`] schedules units across the cluster (engine on the leader, agent on every
 //! member talking to the local init). [`fleetlock`] serves FleetLock (`/v1/pre-reboot`, `/v1/steady-state`) on the
 //! reboot-lock semaphore.
 
 pub mod api;
 pub mod client;
+pub mod connections;
 pub mod discovery;
 pub mod fleetlock;
 pub mod fleet;

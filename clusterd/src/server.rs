@@ -101,6 +101,9 @@ pub struct Config {
     pub election_timeout_ms: u64,
     /// Source addresses of containers (`--container-subnet`): their requests get [`Access::Container`].
     pub container_subnet: Option<Subnet>,
+    /// Client connections from containers held open at once (`--max-container-connections`; see
+    /// [`crate::connections`]).
+    pub max_container_connections: usize,
 }
 
 /// Parse `http://host:port` into a socket address.
@@ -218,6 +221,8 @@ pub struct Ctx {
     pub start_nanos: i64,
     /// Source addresses of containers (see [`crate::api::access`]).
     pub container_subnet: Option<Subnet>,
+    /// Connection budgets of the listeners.
+    pub connections: Arc<crate::connections::Budgets>,
     /// Linearizable reads waiting for a shared leadership check.
     reads: Arc<std::sync::Mutex<ReadQueue>>,
     /// Queue of the proposal batcher.
@@ -657,11 +662,14 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>, peer: bool) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
         let local = stream.local_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         let access = crate::api::access::of(ctx.container_subnet.as_ref(), from.ip(), local);
+        // Over its budget, a connection is closed unread (dropping the stream), before it costs more.
+        let Some(admitted) = ctx.connections.admit(peer, access) else { continue };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let svc = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move {
@@ -803,6 +811,10 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         watchers: AtomicI64::new(0),
         start_nanos: crate::kv::time::now_nanos(),
         container_subnet: cfg.container_subnet,
+        connections: Arc::new(crate::connections::Budgets::new(crate::connections::Limits::within(
+            crate::connections::nofile_limit(),
+            cfg.max_container_connections,
+        ))),
     });
 
     let peer = TcpListener::bind(cfg.peer_addr).await.map_err(|source| ServerError::Bind { addr: cfg.peer_addr, source })?;

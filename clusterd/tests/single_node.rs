@@ -363,3 +363,54 @@ fn a_name_or_url_missing_from_initial_cluster_is_refused_with_the_fix() {
     assert!(err.contains("--initial-cluster has b=http://127.0.0.1:2 but --initial-advertise-peer-urls is http://127.0.0.1:9"), "{err}");
     assert!(!tmp.path().join("data").exists(), "refused before touching the data directory");
 }
+
+/// One HTTP/1.1 request on a connection opened from `src`: the status line's code, or `None` if the member closed
+/// the connection without answering.
+fn ask_from(src: &str, dst: std::net::SocketAddr) -> (std::net::TcpStream, Option<u16>) {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr, TcpStream};
+    let fd = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::STREAM, None).expect("socket");
+    rustix::net::bind(&fd, &SocketAddr::new(src.parse::<IpAddr>().expect("ip"), 0)).expect("bind");
+    rustix::net::connect(&fd, &dst).expect("connect");
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: clusterd\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let code = std::str::from_utf8(&buf[..n]).ok().and_then(|h| h.strip_prefix("HTTP/1.1 ")).and_then(|h| h.get(..3)).and_then(|c| c.parse().ok());
+    (s, code)
+}
+
+/// Containers cannot take the member's file descriptors: past `--max-container-connections` their connections are
+/// closed unread, the host is still served, the refusals are counted, and a closed connection frees its place.
+#[test]
+fn containers_cannot_hold_more_than_their_connection_budget() {
+    let mut c = Cluster::create(1, false);
+    let container_ip = format!("{}.201", c.members[0].ip.rsplit_once('.').map_or("127.0.0", |(net, _)| net));
+    c.extra_args = vec!["--container-subnet".into(), format!("{container_ip}/32"), "--max-container-connections".into(), "8".into()];
+    c.spawn(0);
+    c.wait_ready();
+    let addr: std::net::SocketAddr = c.members[0].client_url.trim_start_matches("http://").parse().expect("client addr");
+    let mut held: Vec<_> = (0..8)
+        .map(|i| {
+            let (s, code) = ask_from(&container_ip, addr);
+            assert_eq!(code, Some(200), "container connection {i} within the budget");
+            s
+        })
+        .collect();
+    let (_s, code) = ask_from(&container_ip, addr);
+    assert_eq!(code, None, "the ninth container connection is closed unanswered");
+    let r = request("GET", &c.url(0, "/health"), None, Duration::from_secs(5)).expect("host health");
+    assert_eq!(r.status, 200, "the host is served while containers are at their budget");
+    let metrics = request("GET", &c.url(0, "/metrics"), None, Duration::from_secs(5)).expect("metrics").body;
+    assert!(metrics.contains("keel_connections{kind=\"container\"} 8"), "{metrics}");
+    assert!(metrics.contains("keel_connections_refused_total{kind=\"container\"} 1"), "{metrics}");
+    assert!(metrics.contains("keel_connections_limit{kind=\"container\"} 8"), "{metrics}");
+    // A container that closes a connection gets its place back (once the member has seen the close).
+    held.pop();
+    wait_until("a freed container connection place", Duration::from_secs(10), || {
+        let (_s, code) = ask_from(&container_ip, addr);
+        (code == Some(200)).then_some(())
+    });
+    drop(held);
+}

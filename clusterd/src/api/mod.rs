@@ -473,6 +473,19 @@ fn metrics_text(ctx: &Ctx) -> String {
     g("keel_raft_log_entries_written_total", "Raft log entries made durable.", "counter", s.entries.load(Ordering::Relaxed).to_string());
     g("keel_raft_log_durable_index", "Last Raft log entry on this member's disk.", "gauge", s.durable.load(Ordering::Relaxed).to_string());
     g("keel_raft_log_first_index", "First Raft log entry still in the store file (older ones were compacted into the snapshot).", "gauge", s.log_front.load(Ordering::Relaxed).to_string());
+    let c = ctx.connections.report();
+    let _ = writeln!(o, "# HELP keel_connections Open connections by kind (peer port, all clients, containers' clients).\n# TYPE keel_connections gauge");
+    for (kind, open, _, _) in c {
+        let _ = writeln!(o, "keel_connections{{kind=\"{kind}\"}} {open}");
+    }
+    let _ = writeln!(o, "# HELP keel_connections_limit Connections of each kind held open at most.\n# TYPE keel_connections_limit gauge");
+    for (kind, _, limit, _) in c {
+        let _ = writeln!(o, "keel_connections_limit{{kind=\"{kind}\"}} {limit}");
+    }
+    let _ = writeln!(o, "# HELP keel_connections_refused_total Connections closed unread because their kind was at its limit.\n# TYPE keel_connections_refused_total counter");
+    for (kind, _, _, refused) in c {
+        let _ = writeln!(o, "keel_connections_refused_total{{kind=\"{kind}\"}} {refused}");
+    }
     let _ = writeln!(o, "# HELP keel_wal_fsync_duration_seconds Latency of the redb commit (fsync) of a log batch.\n# TYPE keel_wal_fsync_duration_seconds histogram");
     let mut cum = 0;
     for (i, b) in crate::raft::storage::FSYNC_BUCKETS.iter().enumerate() {

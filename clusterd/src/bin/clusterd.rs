@@ -121,6 +121,14 @@ struct Args {
     /// (Network=host) have the host's addresses and are not told apart.
     #[arg(long, default_value = "10.88.0.0/16", value_name = "CIDR|none", value_parser = parse_subnet)]
     container_subnet: Subnet,
+    /// Client connections that containers (--container-subnet) may hold open at once, all of them together;
+    /// more are closed as soon as they are accepted. Whatever this says, containers get at most half of the
+    /// client connections this member can hold, so the host's clients and fleet always have room. clusterd
+    /// raises its open-file limit to the hard limit at start; the peer port gets 256 connections and 256
+    /// descriptors stay free for the store and Raft; clients share the rest (`keel_connections` on /metrics).
+    #[arg(long, value_name = "N", default_value_t = keel_clusterd::connections::DEFAULT_CONTAINER_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_container_connections: u32,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
@@ -244,6 +252,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         heartbeat_ms: a.heartbeat_interval,
         election_timeout_ms: a.election_timeout,
         container_subnet: a.container_subnet.0,
+        max_container_connections: a.max_container_connections as usize,
     })
 }
 
@@ -423,6 +432,8 @@ fn run() -> anyhow::Result<()> {
     }
     let cfg = config(&args)?;
     let agent_cfg = fleet_agent_config(&args, &cfg)?;
+    // Watches hold a connection each: the kernel's default soft limit (1024) would cap them early.
+    keel_clusterd::connections::raise_nofile_limit();
     check_store_in_child(&cfg.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads(args.threads))

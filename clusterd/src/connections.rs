@@ -1,0 +1,183 @@
+//! Connection budgets: how many connections each kind of client may hold open at once, so that no client can
+//! take the file descriptors that Raft, the store files and the connections to other members need.
+//!
+//! Owns: the process's open-file limit (raised from the soft to the hard limit at start, as Go's runtime does
+//! for etcd) and three counting budgets: peer-port connections, client connections, and, within those,
+//! connections from containers (`--container-subnet`). A connection over its budget is closed as soon as it is
+//! accepted. Without this, a container opening connections in a loop made `accept` fail with EMFILE for every
+//! client and left Raft without descriptors for its own connections. Counters are exported on `/metrics`.
+//! Does not: read requests, tell containers from the host (see `api::access`), or time out idle connections.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::api::access::Access;
+
+/// File descriptors kept back from every budget: the store and snapshot files, the connections this member
+/// opens to the others, snapshot transfers, and the listeners themselves.
+pub const FD_RESERVE: u64 = 256;
+/// Connections the peer port holds at once. Each other member keeps a small pool of connections here.
+pub const PEER_CONNECTIONS: usize = 256;
+/// Default `--max-container-connections`.
+pub const DEFAULT_CONTAINER_CONNECTIONS: u32 = 512;
+
+/// Raise this process's soft open-file limit to the hard limit; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let (Some(cur), max) = (lim.current, lim.maximum) else {
+        return u64::MAX; // unlimited
+    };
+    let Some(max) = max else { return cur };
+    if max > cur {
+        let raised = rustix::process::Rlimit { current: Some(max), maximum: Some(max) };
+        match rustix::process::setrlimit(rustix::process::Resource::Nofile, raised) {
+            Ok(()) => return max,
+            Err(e) => tracing::warn!("open-file limit stays at {cur} (raising it to {max}: {e})"),
+        }
+    }
+    cur
+}
+
+/// This process's soft open-file limit (`u64::MAX`: unlimited).
+pub fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// How many connections of each kind may be open at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Peer-port connections.
+    pub peers: usize,
+    /// Client connections, the host's and the containers' together.
+    pub clients: usize,
+    /// Client connections from containers (a part of `clients`).
+    pub containers: usize,
+}
+
+impl Limits {
+    /// Budgets under an open-file limit of `nofile`: the reserve and the peer port first, clients get the rest,
+    /// containers at most `containers` of them and never more than half, so the host's clients always have room.
+    pub fn within(nofile: u64, containers: usize) -> Limits {
+        let left = usize::try_from(nofile.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+        let peers = PEER_CONNECTIONS.min(left / 4).max(1);
+        let clients = left.saturating_sub(peers).max(2);
+        Limits { peers, clients, containers: containers.min(clients / 2).max(1) }
+    }
+}
+
+/// The budgets of a running member, shared by its listeners.
+#[derive(Debug)]
+pub struct Budgets {
+    limits: Limits,
+    peers: Arc<Semaphore>,
+    clients: Arc<Semaphore>,
+    containers: Arc<Semaphore>,
+    /// Connections closed at once for want of budget: peer port, host clients, containers.
+    refused: [AtomicU64; 3],
+}
+
+/// Held for as long as a connection is open; dropping it gives the budget back.
+#[derive(Debug)]
+pub struct Admitted {
+    _all: OwnedSemaphorePermit,
+    _container: Option<OwnedSemaphorePermit>,
+}
+
+impl Budgets {
+    /// Budgets with these limits.
+    pub fn new(limits: Limits) -> Budgets {
+        Budgets {
+            limits,
+            peers: Arc::new(Semaphore::new(limits.peers)),
+            clients: Arc::new(Semaphore::new(limits.clients)),
+            containers: Arc::new(Semaphore::new(limits.containers)),
+            refused: Default::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Admit a connection accepted on the peer port (`peer`) or a client port from a client of `access`;
+    /// `None`: over budget, close it.
+    pub fn admit(&self, peer: bool, access: Access) -> Option<Admitted> {
+        let (pool, slot) = match (peer, access) {
+            (true, _) => (&self.peers, 0),
+            (false, Access::Full) => (&self.clients, 1),
+            (false, Access::Container) => (&self.clients, 2),
+        };
+        let container = if slot == 2 {
+            match self.containers.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => return self.refuse(slot),
+            }
+        } else {
+            None
+        };
+        match pool.clone().try_acquire_owned() {
+            Ok(all) => Some(Admitted { _all: all, _container: container }),
+            Err(_) => self.refuse(slot),
+        }
+    }
+
+    fn refuse(&self, slot: usize) -> Option<Admitted> {
+        let n = self.refused[slot].fetch_add(1, Ordering::Relaxed);
+        // Say so on the first refusal and then every 1000th, not once per connection of a flood.
+        if n.is_multiple_of(1000) {
+            let (what, limit) = match slot {
+                0 => ("peer-port", self.limits.peers),
+                1 => ("client", self.limits.clients),
+                _ => ("container client", self.limits.containers),
+            };
+            tracing::warn!("{what} connections at their limit of {limit}: closing new ones ({} so far)", n + 1);
+        }
+        None
+    }
+
+    /// (open, limit, refused) per kind, for `/metrics`: peer port, clients, containers.
+    pub fn report(&self) -> [(&'static str, usize, usize, u64); 3] {
+        let l = self.limits;
+        let open = |s: &Semaphore, limit: usize| limit - s.available_permits();
+        let r = |i: usize| self.refused[i].load(Ordering::Relaxed);
+        [
+            ("peer", open(&self.peers, l.peers), l.peers, r(0)),
+            ("client", open(&self.clients, l.clients), l.clients, r(1) + r(2)),
+            ("container", open(&self.containers, l.containers), l.containers, r(2)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_leave_the_reserve_and_give_containers_at_most_half_of_the_clients() {
+        assert_eq!(Limits::within(1024, 512), Limits { peers: 192, clients: 576, containers: 288 });
+        assert_eq!(Limits::within(4096, 512), Limits { peers: 256, clients: 3584, containers: 512 });
+        assert_eq!(Limits::within(u64::MAX, 512).containers, 512);
+        let tiny = Limits::within(10, 512);
+        assert!(tiny.peers >= 1 && tiny.clients >= 2 && tiny.containers >= 1, "{tiny:?}");
+    }
+
+    #[test]
+    fn a_container_over_its_budget_is_refused_while_the_host_still_gets_in() {
+        let b = Budgets::new(Limits { peers: 1, clients: 3, containers: 2 });
+        let held: Vec<_> = (0..2).map(|_| b.admit(false, Access::Container).expect("within budget")).collect();
+        assert!(b.admit(false, Access::Container).is_none(), "third container connection");
+        let host = b.admit(false, Access::Full).expect("the host has room");
+        assert!(b.admit(true, Access::Full).is_some(), "the peer port has a budget of its own");
+        drop(held);
+        assert!(b.admit(false, Access::Container).is_some(), "budget given back on close");
+        let _second = b.admit(false, Access::Full).expect("second host client");
+        let _third = b.admit(false, Access::Full).expect("third host client");
+        assert!(b.admit(false, Access::Full).is_none(), "clients at their limit");
+        drop(host);
+        let r = b.report();
+        assert_eq!((r[1].1, r[1].3, r[2].3), (2, 2, 1), "{r:?}");
+    }
+}
