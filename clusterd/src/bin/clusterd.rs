@@ -166,6 +166,15 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Sub {
     /// Serve a discovery service: GET /new?size=N hands out token URLs members register under.
+    ///
+    /// Protocol (like discovery.etcd.io): `GET /new?size=N` (1-99, default 3) answers a token URL;
+    /// `PUT /<token>/<name>` with form `value=<peer-url>` registers a member (201; 200 when the name was there;
+    /// 409 once N are registered); `GET /<token>` answers `{"size":N,"members":[{"name","peerURL"}]}`;
+    /// `DELETE /<token>/<name>` removes a stale entry. Members started with `--discovery <token-url>` register
+    /// and wait until N have, then form the cluster from that list.
+    ///
+    /// Tokens are 128 random bits and live 7 days, in memory only (restarting the service forgets them). At most
+    /// 10,000 tokens and 100,000 members are kept (503 beyond); names are at most 64 bytes, peer URLs 256.
     Discovery {
         /// URL to listen on.
         #[arg(long, default_value = "http://127.0.0.1:8087")]
@@ -426,6 +435,7 @@ fn run() -> anyhow::Result<()> {
     if let Some(Sub::Discovery { listen_url, advertise_url }) = &args.cmd {
         let addr = server::parse_url_addr(listen_url)?;
         let public = advertise_url.clone().unwrap_or_else(|| listen_url.clone());
+        keel_clusterd::connections::raise_nofile_limit();
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
         eprintln!("clusterd discovery: serving on {listen_url}; GET {public}/new?size=N for a token");
         return rt.block_on(keel_clusterd::discovery::serve(addr, public)).with_context(|| format!("discovery service on {listen_url}"));
