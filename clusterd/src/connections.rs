@@ -3,8 +3,8 @@
 //!
 //! Owns: the process's open-file limit (raised from the soft to the hard limit at start, as Go's runtime does
 //! for etcd) and three counting budgets: peer-port connections, client connections, and, within those,
-//! connections from containers (`--container-subnet`). A connection over its budget is closed as soon as it is
-//! accepted. Without this, a container opening connections in a loop made `accept` fail with EMFILE for every
+//! connections from containers (`--container-subnet`), which get no peer-port connections at all. A connection
+//! over its budget is closed as soon as it is accepted. Without this, a container opening connections in a loop made `accept` fail with EMFILE for every
 //! client and left Raft without descriptors for its own connections. Counters are exported on `/metrics`.
 //! Does not: read requests, tell containers from the host (see `api::access`), or time out idle connections.
 
@@ -106,7 +106,10 @@ impl Budgets {
     /// `None`: over budget, close it.
     pub fn admit(&self, peer: bool, access: Access) -> Option<Admitted> {
         let (pool, slot) = match (peer, access) {
-            (true, _) => (&self.peers, 0),
+            // The peer port answers containers nothing but 403: they may not hold its connections either, or a
+            // container could fill the peer budget and shut the other members out.
+            (true, Access::Container) => return self.refuse(2),
+            (true, Access::Full) => (&self.peers, 0),
             (false, Access::Full) => (&self.clients, 1),
             (false, Access::Container) => (&self.clients, 2),
         };
@@ -171,6 +174,7 @@ mod tests {
         assert!(b.admit(false, Access::Container).is_none(), "third container connection");
         let host = b.admit(false, Access::Full).expect("the host has room");
         assert!(b.admit(true, Access::Full).is_some(), "the peer port has a budget of its own");
+        assert!(b.admit(true, Access::Container).is_none(), "containers hold no peer-port connections");
         drop(held);
         assert!(b.admit(false, Access::Container).is_some(), "budget given back on close");
         let _second = b.admit(false, Access::Full).expect("second host client");
@@ -178,6 +182,6 @@ mod tests {
         assert!(b.admit(false, Access::Full).is_none(), "clients at their limit");
         drop(host);
         let r = b.report();
-        assert_eq!((r[1].1, r[1].3, r[2].3), (2, 2, 1), "{r:?}");
+        assert_eq!((r[1].1, r[1].3, r[2].3), (2, 3, 2), "{r:?}");
     }
 }

@@ -14,7 +14,8 @@ use keel_clusterd::client::{enc, request, request_with};
 
 /// A client whose address is in `--container-subnet` (here one loopback address, standing for Keel's bridge)
 /// reads everything and writes its own keys, through any member, but cannot write the host's keys however the
-/// key is spelt, change members, or use the peer port; nothing it was refused is in the store afterwards.
+/// key is spelt, change members, or use the peer port (closed unanswered); nothing it was refused is in the store
+/// afterwards.
 #[test]
 fn containers_read_everything_but_cannot_write_the_hosts_keys() {
     if missing("curl", have("curl"), "make deps") {
@@ -72,7 +73,7 @@ fn containers_read_everything_but_cannot_write_the_hosts_keys() {
     let peer = format!("{}/keel/client/v2/keys/_keel/fleet/units/evil.service", c.members[follower].peer_url);
     let token = format!("x-keel-cluster-token: {}", c.token);
     let (s, b) = curl(&["--interface", &container_ip, "-H", &token, "-X", "PUT", &peer, "-d", "value=x"]);
-    assert_eq!(s, 403, "{b}");
+    assert_eq!(s, 0, "the peer port closes a container's connection unanswered: {b}");
 
     // Nothing refused reached the store; the host still writes there.
     let (s, b) = curl(&[&c.url(leader, "/v2/keys/_keel/fleet/units?recursive=true")]);
