@@ -23,21 +23,41 @@ pub const PEER_CONNECTIONS: usize = 256;
 /// Default `--max-container-connections`.
 pub const DEFAULT_CONTAINER_CONNECTIONS: u32 = 512;
 
-/// Raise this process's soft open-file limit to the hard limit; returns the soft limit now in force.
-pub fn raise_nofile_limit() -> u64 {
+/// Raise this process's soft open-file limit to the hard limit ([`nofile_limit`] then reads the new one).
+pub fn raise_nofile_limit() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    let (Some(cur), max) = (lim.current, lim.maximum) else {
-        return u64::MAX; // unlimited
-    };
-    let Some(max) = max else { return cur };
+    let (Some(cur), Some(max)) = (lim.current, lim.maximum) else { return }; // a limit of unlimited stays
     if max > cur {
         let raised = rustix::process::Rlimit { current: Some(max), maximum: Some(max) };
-        match rustix::process::setrlimit(rustix::process::Resource::Nofile, raised) {
-            Ok(()) => return max,
-            Err(e) => tracing::warn!("open-file limit stays at {cur} (raising it to {max}: {e})"),
+        if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised) {
+            tracing::warn!("open-file limit stays at {cur} (raising it to {max}: {e})");
         }
     }
-    cur
+}
+
+/// Accept the next connection within its budget. A failed `accept` (out of descriptors, say) is logged and
+/// retried after 50 ms instead of ending the listener; a connection over its budget is dropped, which closes it
+/// unread. `access_of` says who a connection comes from.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    budgets: &Budgets,
+    peer: bool,
+    access_of: impl Fn(&tokio::net::TcpStream, std::net::SocketAddr) -> Access,
+) -> (tokio::net::TcpStream, Access, Admitted) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let access = access_of(&stream, from);
+        if let Some(admitted) = budgets.admit(peer, access) {
+            return (stream, access, admitted);
+        }
+    }
 }
 
 /// This process's soft open-file limit (`u64::MAX`: unlimited).
@@ -67,6 +87,14 @@ impl Limits {
     }
 }
 
+/// Whose budget a connection counts against; also the index of its refusal counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Peer = 0,
+    Client = 1,
+    Container = 2,
+}
+
 /// The budgets of a running member, shared by its listeners.
 #[derive(Debug)]
 pub struct Budgets {
@@ -74,7 +102,7 @@ pub struct Budgets {
     peers: Arc<Semaphore>,
     clients: Arc<Semaphore>,
     containers: Arc<Semaphore>,
-    /// Connections closed at once for want of budget: peer port, host clients, containers.
+    /// Connections closed at once for want of budget, by [`Kind`]: peer port, host clients, containers.
     refused: [AtomicU64; 3],
 }
 
@@ -97,44 +125,39 @@ impl Budgets {
         }
     }
 
-    /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Admit a connection accepted on the peer port (`peer`) or a client port from a client of `access`;
     /// `None`: over budget, close it.
     pub fn admit(&self, peer: bool, access: Access) -> Option<Admitted> {
-        let (pool, slot) = match (peer, access) {
+        let kind = match (peer, access) {
             // The peer port answers containers nothing but 403: they may not hold its connections either, or a
             // container could fill the peer budget and shut the other members out.
-            (true, Access::Container) => return self.refuse(2),
-            (true, Access::Full) => (&self.peers, 0),
-            (false, Access::Full) => (&self.clients, 1),
-            (false, Access::Container) => (&self.clients, 2),
+            (true, Access::Container) => return self.refuse(Kind::Container),
+            (true, Access::Full) => Kind::Peer,
+            (false, Access::Full) => Kind::Client,
+            (false, Access::Container) => Kind::Container,
         };
-        let container = if slot == 2 {
-            match self.containers.clone().try_acquire_owned() {
+        let container = match kind {
+            Kind::Container => match self.containers.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
-                Err(_) => return self.refuse(slot),
-            }
-        } else {
-            None
+                Err(_) => return self.refuse(kind),
+            },
+            Kind::Peer | Kind::Client => None,
         };
+        let pool = if kind == Kind::Peer { &self.peers } else { &self.clients };
         match pool.clone().try_acquire_owned() {
             Ok(all) => Some(Admitted { _all: all, _container: container }),
-            Err(_) => self.refuse(slot),
+            Err(_) => self.refuse(kind),
         }
     }
 
-    fn refuse(&self, slot: usize) -> Option<Admitted> {
-        let n = self.refused[slot].fetch_add(1, Ordering::Relaxed);
+    fn refuse(&self, kind: Kind) -> Option<Admitted> {
+        let n = self.refused[kind as usize].fetch_add(1, Ordering::Relaxed);
         // Say so on the first refusal and then every 1000th, not once per connection of a flood.
         if n.is_multiple_of(1000) {
-            let (what, limit) = match slot {
-                0 => ("peer-port", self.limits.peers),
-                1 => ("client", self.limits.clients),
-                _ => ("container client", self.limits.containers),
+            let (what, limit) = match kind {
+                Kind::Peer => ("peer-port", self.limits.peers),
+                Kind::Client => ("client", self.limits.clients),
+                Kind::Container => ("container client", self.limits.containers),
             };
             tracing::warn!("{what} connections at their limit of {limit}: closing new ones ({} so far)", n + 1);
         }
@@ -145,11 +168,11 @@ impl Budgets {
     pub fn report(&self) -> [(&'static str, usize, usize, u64); 3] {
         let l = self.limits;
         let open = |s: &Semaphore, limit: usize| limit - s.available_permits();
-        let r = |i: usize| self.refused[i].load(Ordering::Relaxed);
+        let r = |k: Kind| self.refused[k as usize].load(Ordering::Relaxed);
         [
-            ("peer", open(&self.peers, l.peers), l.peers, r(0)),
-            ("client", open(&self.clients, l.clients), l.clients, r(1) + r(2)),
-            ("container", open(&self.containers, l.containers), l.containers, r(2)),
+            ("peer", open(&self.peers, l.peers), l.peers, r(Kind::Peer)),
+            ("client", open(&self.clients, l.clients), l.clients, r(Kind::Client) + r(Kind::Container)),
+            ("container", open(&self.containers, l.containers), l.containers, r(Kind::Container)),
         ]
     }
 }

@@ -231,15 +231,7 @@ pub async fn serve(addr: SocketAddr, public_url: String) -> std::io::Result<()> 
     let limits = crate::connections::Limits::within(crate::connections::nofile_limit(), 1);
     let budgets = crate::connections::Budgets::new(limits);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(admitted) = budgets.admit(false, crate::api::access::Access::Full) else { continue };
+        let (stream, _, admitted) = crate::connections::accept(&listener, &budgets, false, |_, _| crate::api::access::Access::Full).await;
         let (tokens, public) = (tokens.clone(), public_url.clone());
         tokio::spawn(async move {
             let _admitted = admitted;

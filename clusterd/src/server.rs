@@ -456,7 +456,8 @@ impl Ctx {
         if let Some(ct) = headers.get("content-type") {
             b = b.header("content-type", ct);
         }
-        let err = |e: EtcdError| {
+        let err = |e: ForwardError| {
+            let e = e.to_etcd(self.sm.store_index());
             Response::builder()
                 .status(e.status())
                 .header("content-type", "application/json")
@@ -467,7 +468,7 @@ impl Ctx {
         };
         let req = match b.body(Full::new(body)) {
             Ok(r) => r,
-            Err(e) => return err(ForwardError::NotSent(format!("cannot build forwarded request: {e}")).to_etcd(self.sm.store_index())),
+            Err(e) => return err(ForwardError::NotSent(format!("cannot build forwarded request: {e}"))),
         };
         let fut = async {
             let resp = self.client.request(req).await.map_err(|e| {
@@ -484,9 +485,8 @@ impl Ctx {
         };
         match tokio::time::timeout(PROPOSE_TIMEOUT + Duration::from_secs(2), fut).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => err(e.to_etcd(self.sm.store_index())),
-            Err(_) => err(ForwardError::NoAnswer(format!("leader {leader_peer_url} did not answer in time"))
-                .to_etcd(self.sm.store_index())),
+            Ok(Err(e)) => err(e),
+            Err(_) => err(ForwardError::NoAnswer(format!("leader {leader_peer_url} did not answer in time"))),
         }
     }
 
@@ -654,18 +654,11 @@ async fn peer_handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body
 
 async fn serve(listener: TcpListener, ctx: Arc<Ctx>, peer: bool) {
     loop {
-        let (stream, from) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let local = stream.local_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        let access = crate::api::access::of(ctx.container_subnet.as_ref(), from.ip(), local);
-        // Over its budget, a connection is closed unread (dropping the stream), before it costs more.
-        let Some(admitted) = ctx.connections.admit(peer, access) else { continue };
+        let (stream, access, admitted) = crate::connections::accept(&listener, &ctx.connections, peer, |stream, from| {
+            let local = stream.local_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            crate::api::access::of(ctx.container_subnet.as_ref(), from.ip(), local)
+        })
+        .await;
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -674,7 +667,8 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>, peer: bool) {
                 let ctx = ctx.clone();
                 async move {
                     let r = match (peer, access) {
-                        // The cluster token is the peer port's only guard, and it has a well-known default.
+                        // The cluster token is the peer port's only guard, and it has a well-known default
+                        // (a second guard: `connections::admit` already closes containers' peer connections).
                         (true, Access::Container) => simple(403, "{\"message\":\"the peer port does not serve containers\"}\n"),
                         (true, Access::Full) => peer_handle(ctx, req).await,
                         (false, _) => api::handle(ctx, req, false, access).await,
