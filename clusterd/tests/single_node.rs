@@ -292,6 +292,23 @@ fn restart_keeps_data_and_corrupt_store_is_refused() {
     c.spawn(0);
     c.wait_ready();
     assert_eq!(c.value(0, "/r/k49", false).as_deref(), Some("v49"));
+    // Restarted with its data, a member does not check --initial-cluster again (like etcd): a --name the list
+    // does not hold, refused for an empty data directory, still starts it.
+    c.stop(0);
+    let m = &c.members[0];
+    let child = Command::new(common::BIN)
+        .args(["--name", "renamed", "--initial-cluster", &format!("{}={}", m.name, m.peer_url)])
+        .arg("--data-dir")
+        .arg(&m.dir)
+        .args(["--listen-client-urls", &m.client_url, "--listen-peer-urls", &format!("http://{}", m.peer_listen)])
+        .args(["--initial-advertise-peer-urls", &m.peer_url, "--cluster-token", &c.token])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn clusterd");
+    c.members[0].child = Some(child);
+    c.wait_ready();
+    assert_eq!(c.value(0, "/r/k49", false).as_deref(), Some("v49"));
 }
 
 #[test]

@@ -231,7 +231,8 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         (None, Some(s)) => server::parse_initial_cluster(s)?,
         (None, None) => [(a.name.clone(), a.initial_advertise_peer_urls.clone().unwrap_or_else(|| listen_peer.clone()))].into_iter().collect(),
     };
-    if a.discovery.is_none() && a.initial_cluster.is_some() && a.initial_cluster_state == "new" {
+    // Only a member that bootstraps reads the list; one restarted with its data ignores it (as etcd does).
+    if a.discovery.is_none() && a.initial_cluster.is_some() && a.initial_cluster_state == "new" && !has_store(&a.data_dir) {
         check_own_entry(&initial, &a.name, a.initial_advertise_peer_urls.as_deref())?;
     }
     if a.election_timeout < 3 * a.heartbeat_interval {
@@ -288,11 +289,15 @@ fn check_own_entry(initial: &std::collections::BTreeMap<String, String>, name: &
     Ok(())
 }
 
+/// Whether `dir` holds a store (either file): such a member restarts with its data instead of bootstrapping.
+fn has_store(dir: &std::path::Path) -> bool {
+    dir.join("clusterd.redb").exists() || dir.join("snapshot.redb").exists()
+}
+
 /// Open and verify a store in a throw-away child process: a damaged file can make the storage engine abort,
 /// and this way the member reports it clearly instead of dying without a word.
 fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
-    let db = dir.join("clusterd.redb");
-    if !db.exists() && !dir.join("snapshot.redb").exists() {
+    if !has_store(dir) {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the clusterd binary")?;
@@ -306,7 +311,7 @@ fn check_store_in_child(dir: &std::path::Path) -> anyhow::Result<()> {
     if detail.starts_with("store ") {
         anyhow::bail!("{detail}");
     }
-    Err(keel_clusterd::raft::storage::StorageError::Corrupt { path: db, detail }.into())
+    Err(keel_clusterd::raft::storage::StorageError::Corrupt { path: dir.join("clusterd.redb"), detail }.into())
 }
 
 /// `KEY=value` lines (quotes stripped) of an env file; empty when it does not exist.
